@@ -1,0 +1,3 @@
+from cpmctl.cli import main
+
+main()

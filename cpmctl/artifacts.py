@@ -1,0 +1,241 @@
+"""The artifact layout: the contract between commands (ARCHITECTURE §2).
+
+An artifact is a directory with `cpm-artifact.json` at its root. A command builds its output
+in a hidden sibling directory and renames it into place only when complete, writing the
+manifest last, so an interrupted command never leaves something that looks finished:
+
+    with ArtifactWriter(out, "corpus", force=force) as writer:
+        (writer.dir / "stats.json").write_text(...)
+        writer.add_input("source", "raw/", digest)
+        writer.commit(meta={...})
+
+Readers open artifacts with `open_artifact(path, expect=("model", "checkpoint"), option="--model")`,
+which checks kind and format and fails with a message that says what was expected.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cpmctl import __version__
+from cpmctl.errors import CpmError
+
+MANIFEST = "cpm-artifact.json"
+
+#: Every artifact kind and the newest format version this cpmctl writes and reads.
+FORMATS: dict[str, int] = {
+    "corpus": 1,
+    "tokenizer": 1,
+    "dataset": 1,
+    "run": 1,
+    "checkpoint": 1,
+    "model": 1,
+    "prompt": 1,
+    "report": 1,
+}
+
+_HASH_BLOCK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest_path(path: Path) -> str:
+    """`sha256:...` of a file, or of a folder as the sorted (relative path, file digest) list."""
+    path = Path(path)
+    if path.is_file():
+        return "sha256:" + sha256_file(path)
+    digest = hashlib.sha256()
+    for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{child.relative_to(path).as_posix()}\0{sha256_file(child)}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """An opened artifact: its directory and its parsed manifest."""
+
+    path: Path
+    kind: str
+    format: int
+    meta: dict
+    files: dict[str, dict]
+    inputs: list[dict] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+
+    def file(self, relative: str) -> Path:
+        return self.path / relative
+
+    @property
+    def digest(self) -> str:
+        """A digest of the whole artifact: the hash of its manifest's file table."""
+        table = json.dumps(self.files, sort_keys=True).encode()
+        return "sha256:" + hashlib.sha256(table).hexdigest()
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _describe_expected(expect: tuple[str, ...]) -> str:
+    words = [f"{_article(k)} {k}" for k in expect]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def open_artifact(
+    path: str | Path, expect: str | tuple[str, ...] | None = None, option: str = "the input"
+) -> Artifact:
+    """Open and check an artifact. `expect` is the kind (or kinds) the caller accepts."""
+    path = Path(path)
+    if not path.exists():
+        raise CpmError(f"{path}: no such artifact (for {option})")
+    manifest_path = path / MANIFEST
+    if not path.is_dir() or not manifest_path.is_file():
+        raise CpmError(
+            f"{path} is not a cpmctl artifact (no {MANIFEST}; an interrupted command leaves none)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        kind, fmt = manifest["kind"], manifest["format"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CpmError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    if kind not in FORMATS:
+        raise CpmError(f"{manifest_path}: unknown artifact kind {kind!r}")
+    if expect is not None:
+        expect = (expect,) if isinstance(expect, str) else tuple(expect)
+        if kind not in expect:
+            raise CpmError(
+                f"{path} is {_article(kind)} {kind}; {option} needs {_describe_expected(expect)}"
+            )
+    if not isinstance(fmt, int) or fmt > FORMATS[kind]:
+        raise CpmError(
+            f"{path}: {kind} format {fmt} is newer than this cpmctl reads "
+            f"(format {FORMATS[kind]}); upgrade cpmctl"
+        )
+    return Artifact(
+        path=path,
+        kind=kind,
+        format=fmt,
+        meta=manifest.get("meta", {}),
+        files=manifest.get("files", {}),
+        inputs=manifest.get("inputs", []),
+        manifest=manifest,
+    )
+
+
+def verify(artifact: Artifact) -> list[str]:
+    """Re-hash every file the manifest lists. Returns the problems found (empty if none)."""
+    problems = []
+    for relative, entry in sorted(artifact.files.items()):
+        path = artifact.file(relative)
+        if not path.is_file():
+            problems.append(f"{relative}: missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{relative}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{relative}: sha256 differs from the manifest")
+    return problems
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ArtifactWriter:
+    """Build an artifact in a temporary sibling and move it into place on `commit`.
+
+    Leaving the `with` block without committing (an error, Ctrl-C) removes the temporary
+    directory; nothing at the output path changes. With `force`, an existing artifact at the
+    output path is replaced only at commit time, so a failed rebuild keeps the old one.
+    """
+
+    def __init__(self, out: str | Path, kind: str, *, force: bool = False, command=None):
+        if kind not in FORMATS:
+            raise ValueError(f"unknown artifact kind {kind!r}")
+        self.out = Path(out)
+        self.kind = kind
+        self.force = force
+        self.command = list(command) if command is not None else ["cpmctl", *sys.argv[1:]]
+        self.inputs: list[dict] = []
+        self.dir: Path | None = None
+        self.committed = False
+
+    def __enter__(self) -> ArtifactWriter:
+        if self.out.exists() and not self.force:
+            raise CpmError(f"{self.out} already exists; pass --force to replace it")
+        if self.out.exists() and not (self.out / MANIFEST).is_file():
+            # NOTE: --force replaces artifacts only, never a folder of the user's own files.
+            raise CpmError(f"{self.out} exists and is not a cpmctl artifact; refusing to replace it")
+        parent = self.out.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
+        self.dir = parent / f".{self.out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.dir.mkdir()
+        return self
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove temporaries left by killed (SIGKILL) runs whose process is gone."""
+        for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):
+            try:
+                pid = int(stale.name.rsplit(".tmp-", 1)[1].split("-")[0])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed and self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def add_input(self, role: str, path: str, digest: str) -> None:
+        self.inputs.append({"role": role, "path": str(path), "digest": digest})
+
+    def commit(self, meta: dict) -> Path:
+        """Hash the files, write the manifest last, and rename the directory into place."""
+        assert self.dir is not None, "commit() outside the with block"
+        files = {}
+        for path in sorted(p for p in self.dir.rglob("*") if p.is_file()):
+            relative = path.relative_to(self.dir).as_posix()
+            files[relative] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        manifest = {
+            "kind": self.kind,
+            "format": FORMATS[self.kind],
+            "cpmctl": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": self.command,
+            "inputs": self.inputs,
+            "files": files,
+            "meta": meta,
+        }
+        manifest_tmp = self.dir / (MANIFEST + ".partial")
+        manifest_tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")
+        os.replace(manifest_tmp, self.dir / MANIFEST)
+        if self.out.exists():
+            trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out, trash)
+            os.rename(self.dir, self.out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self.dir, self.out)
+        self.committed = True
+        return self.out

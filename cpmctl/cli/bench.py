@@ -1,0 +1,56 @@
+"""`cpmctl bench ...`: data."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cpmctl.bench.corpus import bench_data_build
+from cpmctl.errors import CpmError
+
+app = typer.Typer(help="Benchmarks, each against a baseline measured in the same run.",
+                  no_args_is_help=True)
+
+
+@app.command("data")
+def data(
+    inputs: list[str] = typer.Argument(
+        None, help="Inputs for data build (default: the package corpus of the quick start)."
+    ),
+    workers: str = typer.Option("1,2", help="Comma-separated worker counts to compare."),
+    repeat: int = typer.Option(1, help="Runs per setting; the fastest counts."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Throughput of `data build`: 1 worker against N, exact dedup against MinHash.
+
+    Example: cpmctl bench data --workers 1,2 --repeat 2
+    """
+    try:
+        counts = sorted({int(w) for w in workers.split(",")})
+    except ValueError:
+        raise CpmError(f"--workers: expected numbers like 1,2, not {workers!r}") from None
+    if counts[0] < 1 or repeat < 1:
+        raise CpmError("--workers and --repeat must be at least 1")
+    report = bench_data_build(inputs, counts, repeat)
+    if as_json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return
+    console = Console(highlight=False)
+    table = Table(title=f"data build on {report['input_mb']} MB, {report['documents']:,} documents",
+                  title_justify="left")
+    for column in ("dedup", "workers", "seconds", "MB/s", "docs/s", "kept"):
+        table.add_column(column, justify="right")
+    for run in report["runs"]:
+        table.add_row(run["dedup"], str(run["workers"]), f"{run['seconds']:.2f}",
+                      f"{run['mb_per_s']:.2f}", f"{run['docs_per_s']:,}", f"{run['kept']:,}")
+    console.print(table)
+    for mode, ratio in report["speedup_vs_1_worker"].items():
+        console.print(f"{mode}: {ratio:.2f}x faster on {counts[-1]} workers than on 1")
+    console.print(f"minhash costs {report['minhash_cost_vs_exact']:.2f}x the exact-dedup time")
+    for mode, same in report["identical_output_across_workers"].items():
+        console.print(f"{mode}: output {'identical' if same else 'DIFFERENT'} across worker counts")
+    for target, met in report["targets"].items():
+        console.print(f"target {target}: {'met' if met else 'NOT met'}")

