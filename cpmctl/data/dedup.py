@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cpmctl.data.clean import window_documents, codepoints, ngram_hashes
+from cpmctl.data.clean import codepoints, ngram_hashes, window_documents
 from cpmctl.errors import CpmError
 
 

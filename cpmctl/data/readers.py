@@ -132,16 +132,40 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def _open_decompressed(raw: _HashingReader, report: FileReport):
+def _zstd_blocks(buffered, block_bytes: int) -> Iterator[bytes]:
+    """Decompress concatenated zstd frames. NOTE: zstandard's stream_reader ends silently at
+    a truncated frame, so we drive decompressobj ourselves and check that the last frame ended."""
+    context = zstandard.ZstdDecompressor()
+    frame = context.decompressobj()
+    in_frame = False
+    # Small reads bound the output of one decompress call (zstd can expand 1000-fold).
+    while data := buffered.read(1 << 16):
+        while data:
+            in_frame = True
+            out = frame.decompress(data)
+            for start in range(0, len(out), block_bytes):
+                yield out[start : start + block_bytes]
+            data = b""
+            if frame.eof:
+                data, frame, in_frame = frame.unused_data, context.decompressobj(), False
+    if in_frame:
+        raise EOFError("zstd stream ends inside a frame (truncated file)")
+
+
+def _decompressed_blocks(raw: _HashingReader, report: FileReport, block_bytes: int):
+    """The input's bytes in blocks, decompressed when the magic bytes say gzip or zstd."""
     buffered = io.BufferedReader(raw, buffer_size=1 << 16)
     magic = buffered.peek(4)[:4]
-    if magic.startswith(_GZIP_MAGIC):
-        report.compression = "gzip"
-        return gzip.GzipFile(fileobj=buffered)
     if magic.startswith(_ZSTD_MAGIC):
         report.compression = "zstd"
-        return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
-    return buffered
+        yield from _zstd_blocks(buffered, block_bytes)
+        return
+    stream = buffered
+    if magic.startswith(_GZIP_MAGIC):
+        report.compression = "gzip"
+        stream = gzip.GzipFile(fileobj=buffered)
+    while block := stream.read(block_bytes):
+        yield block
 
 
 def _cut(buffer: bytes, split: str) -> int:
@@ -162,27 +186,25 @@ def _stream_chunks(
     pending = b""
     disk_mark = 0
     try:
-        stream = _open_decompressed(raw, report)
         first = True
-        while True:
-            block = stream.read(chunk_bytes)
+        for block in _decompressed_blocks(raw, report, chunk_bytes):
             if first:
                 first = False
                 nul = block.find(b"\0", 0, _BINARY_PROBE)
                 if nul >= 0:
                     report.fail("binary", f"binary data (NUL byte at offset {nul})")
                     return
-                if not block:
-                    report.status = "empty"
             pending += block
-            cut = len(pending) if not block else _cut(pending, record_split)
+            cut = _cut(pending, record_split)
             if cut:
                 head, pending = pending[:cut], pending[cut:]
                 yield Chunk(source.name, source.format, line, raw.count - disk_mark, data=head)
                 disk_mark = raw.count
                 line += head.count(b"\n")
-            if not block:
-                break
+        if first:
+            report.status = "empty"
+        if pending:
+            yield Chunk(source.name, source.format, line, raw.count - disk_mark, data=pending)
         report.bytes = raw.count
         report.digest = "sha256:" + raw.sha256.hexdigest()
     except (OSError, EOFError, zstandard.ZstdError) as exc:

