@@ -169,9 +169,16 @@ class ArtifactWriter:
     Leaving the `with` block without committing (an error, Ctrl-C) removes the temporary
     directory; nothing at the output path changes. With `force`, an existing artifact at the
     output path is replaced only at commit time, so a failed rebuild keeps the old one.
+
+    A resumable job passes `resume_key` (a digest of its inputs and settings): it then builds
+    in `.NAME.partial`, which survives an interruption, and a rerun with the same key finds
+    its finished pieces there (`resumed` is True). A different key starts afresh.
     """
 
-    def __init__(self, out: str | Path, kind: str, *, force: bool = False, command=None):
+    RESUME_FILE = ".resume-key"
+
+    def __init__(self, out: str | Path, kind: str, *, force: bool = False, command=None,
+                 resume_key: str | None = None):
         if kind not in FORMATS:
             raise ValueError(f"unknown artifact kind {kind!r}")
         self.out = Path(out)
@@ -181,6 +188,8 @@ class ArtifactWriter:
         self.inputs: list[dict] = []
         self.dir: Path | None = None
         self.committed = False
+        self.resume_key = resume_key
+        self.resumed = False
 
     def __enter__(self) -> ArtifactWriter:
         if self.out.exists() and not self.force:
@@ -193,8 +202,18 @@ class ArtifactWriter:
         parent = self.out.parent
         parent.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
-        self.dir = parent / f".{self.out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.dir.mkdir()
+        if self.resume_key is None:
+            self.dir = parent / f".{self.out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.dir.mkdir()
+            return self
+        self.dir = parent / f".{self.out.name}.partial"
+        key_file = self.dir / self.RESUME_FILE
+        if key_file.is_file() and key_file.read_text() == self.resume_key:
+            self.resumed = True
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir()
+            key_file.write_text(self.resume_key)
         return self
 
     def _remove_stale_temporaries(self) -> None:
@@ -208,7 +227,7 @@ class ArtifactWriter:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self.committed and self.dir is not None:
+        if not self.committed and self.dir is not None and self.resume_key is None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def add_input(self, role: str, path: str, digest: str) -> None:
@@ -217,6 +236,7 @@ class ArtifactWriter:
     def commit(self, meta: dict) -> Path:
         """Hash the files, write the manifest last, and rename the directory into place."""
         assert self.dir is not None, "commit() outside the with block"
+        (self.dir / self.RESUME_FILE).unlink(missing_ok=True)
         files = {}
         for path in sorted(p for p in self.dir.rglob("*") if p.is_file()):
             relative = path.relative_to(self.dir).as_posix()

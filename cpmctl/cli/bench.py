@@ -1,18 +1,30 @@
-"""`cpmctl bench ...`: data."""
+"""`cpmctl bench ...`: data, speed."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cpmctl.bench.corpus import bench_data_build
+from cpmctl.bench.tokenizer import bench_tokenizer
 from cpmctl.errors import CpmError
 
 app = typer.Typer(help="Benchmarks, each against a baseline measured in the same run.",
                   no_args_is_help=True)
+
+
+def _worker_counts(workers: str) -> list[int]:
+    try:
+        counts = sorted({int(w) for w in workers.split(",")})
+    except ValueError:
+        raise CpmError(f"--workers: expected numbers like 1,2, not {workers!r}") from None
+    if counts[0] < 1:
+        raise CpmError("--workers must be at least 1")
+    return counts
 
 
 @app.command("data")
@@ -28,12 +40,9 @@ def data(
 
     Example: cpmctl bench data --workers 1,2 --repeat 2
     """
-    try:
-        counts = sorted({int(w) for w in workers.split(",")})
-    except ValueError:
-        raise CpmError(f"--workers: expected numbers like 1,2, not {workers!r}") from None
-    if counts[0] < 1 or repeat < 1:
-        raise CpmError("--workers and --repeat must be at least 1")
+    counts = _worker_counts(workers)
+    if repeat < 1:
+        raise CpmError("--repeat must be at least 1")
     report = bench_data_build(inputs, counts, repeat)
     if as_json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
@@ -52,5 +61,39 @@ def data(
     console.print(f"minhash costs {report['minhash_cost_vs_exact']:.2f}x the exact-dedup time")
     for mode, same in report["identical_output_across_workers"].items():
         console.print(f"{mode}: output {'identical' if same else 'DIFFERENT'} across worker counts")
+    for target, met in report["targets"].items():
+        console.print(f"target {target}: {'met' if met else 'NOT met'}")
+
+
+@app.command("speed")
+def speed(
+    tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A tokenizer artifact."),
+    corpus: Path = typer.Option(..., "--corpus", help="A corpus artifact to tokenize."),
+    workers: str = typer.Option("1,2", help="Comma-separated worker counts (1 is needed)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Tokenizer throughput: data tokenize on 1 and N workers against the bare loop.
+
+    Example: cpmctl bench speed --tokenizer work/tokenizer --corpus work/corpus
+    """
+    counts = _worker_counts(workers)
+    if counts[0] != 1:
+        raise CpmError("--workers must include 1: the other counts are compared with it")
+    report = bench_tokenizer(tokenizer, corpus, counts)
+    if as_json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return
+    console = Console(highlight=False)
+    table = Table(title=f"{report['scheme']} tokenizer on {report['megabytes']} MB, "
+                        f"{report['documents']:,} documents", title_justify="left")
+    for column in ("run", "workers", "seconds", "MB/s"):
+        table.add_column(column, justify="right")
+    for run in report["runs"]:
+        table.add_row(run["what"], str(run["workers"]), f"{run['seconds']:.2f}",
+                      f"{run['mb_per_s']:.2f}")
+    console.print(table)
+    scaling = report["scaling"]
+    console.print(f"{scaling['workers']} workers: {scaling['speedup_vs_1']:.2f}x one worker")
+    console.print(f"one worker: {report['overhead_vs_bare_loop']:.2f}x the bare loop's time")
     for target, met in report["targets"].items():
         console.print(f"target {target}: {'met' if met else 'NOT met'}")

@@ -13,10 +13,11 @@ from cpmctl.data.build import BuildSettings, build_corpus
 from cpmctl.data.clean import FilterSettings, read_blocklist
 from cpmctl.data.dedup import MinHashSettings
 from cpmctl.data.shards import parse_size
+from cpmctl.data.tokenize import tokenize_corpus
 from cpmctl.errors import CpmError
 from cpmctl.inspect import inspect_artifact, render_summary
 
-app = typer.Typer(help="Corpora and datasets: build, inspect.", no_args_is_help=True)
+app = typer.Typer(help="Corpora and datasets: build, tokenize, inspect.", no_args_is_help=True)
 
 _defaults = FilterSettings()
 _minhash = MinHashSettings()
@@ -96,6 +97,28 @@ def build(
     dropped = ", ".join(f"{reason} {n:,}" for reason, n in documents["dropped"].items())
     info(f"kept {documents['kept']:,} of {documents['in']:,} documents"
          + (f" (dropped: {dropped})" if dropped else ""))
+    print(output)
+
+
+@app.command("tokenize")
+def tokenize(
+    corpus: Path = typer.Argument(..., help="A corpus artifact (from cpmctl data build)."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A tokenizer artifact."),
+    output: Path = typer.Option(..., "--output", "-o", help="The dataset artifact to write."),
+    valid_fraction: float = typer.Option(0.01, help="Share of documents in the valid split."),
+    seed: int = typer.Option(0, help="Seed of the train/valid split."),
+    workers: int = typer.Option(0, help="Worker processes (0: one per CPU)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing dataset at OUTPUT."),
+) -> None:
+    """Tokenize a corpus into a dataset of token shards; an interrupted run resumes.
+
+    Example: cpmctl data tokenize work/corpus -t work/tokenizer -o work/dataset
+    """
+    meta = tokenize_corpus(corpus, tokenizer, output, valid_fraction=valid_fraction, seed=seed,
+                           workers=workers or os.cpu_count() or 1, force=force)
+    splits = meta["splits"]
+    info(", ".join(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents"
+                   for name, s in splits.items()))
     print(output)
 
 

@@ -38,7 +38,19 @@ def quickstart(
         megabytes = stats["bytes"]["dropped"][reason] / 1e6
         table.add_row(f"dropped: {reason}", f"{count:,}", f"{megabytes:.1f}")
     console.print(table)
-    for document in sample_documents(corpus["path"], 2, seed=0):
-        console.print(f"sample ({document['source'].rsplit('/', 1)[-1]}):", style="bold")
-        console.print(document["text"], markup=False)
-    console.print(f"next: cpmctl data inspect {corpus['path']} --sample 5 --verify")
+    [document] = sample_documents(corpus["path"], 1, seed=0)
+    console.print(f"sample ({document['source'].rsplit('/', 1)[-1]}):", style="bold")
+    console.print(document["text"], markup=False)
+
+    tokenizer = made["tokenizer"]["tokenizer"]
+    ids = tokenizer.encode(document["text"])
+    console.print(f"tokenizer: {made['tokenizer']['path']} ({tokenizer.scheme}, "
+                  f"{tokenizer.vocab_size:,} pieces); the sample is {len(ids)} tokens:")
+    pieces = [tokenizer.sp.id_to_piece(i) for i in ids[:24]]
+    console.print(" ".join(pieces) + (" ..." if len(ids) > 24 else ""), markup=False)
+
+    splits = made["dataset"]["meta"]["splits"]
+    console.print(f"dataset: {made['dataset']['path']} ("
+                  + ", ".join(f"{name} {s['tokens']:,} tokens in {s['documents']:,} documents"
+                              for name, s in splits.items()) + ")")
+    console.print(f"next: cpmctl data inspect {made['dataset']['path']} --verify")
