@@ -45,6 +45,9 @@ FORMATS: dict[str, int] = {
 
 _HASH_BLOCK = 1 << 20
 
+#: The command line recorded in manifests; `cpmctl.cli.main` sets it to the arguments it runs.
+invocation: list[str] = ["cpmctl", *sys.argv[1:]]
+
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
@@ -173,6 +176,10 @@ class ArtifactWriter:
     A resumable job passes `resume_key` (a digest of its inputs and settings): it then builds
     in `.NAME.partial`, which survives an interruption, and a rerun with the same key finds
     its finished pieces there (`resumed` is True). A different key starts afresh.
+
+    Top-level entries of the building folder whose names start with "." are scratch (the
+    resume key, a job's progress markers): they are left out of the manifest and removed only
+    after it is written, so an interruption at any point before leaves a resumable folder.
     """
 
     RESUME_FILE = ".resume-key"
@@ -184,7 +191,7 @@ class ArtifactWriter:
         self.out = Path(out)
         self.kind = kind
         self.force = force
-        self.command = list(command) if command is not None else ["cpmctl", *sys.argv[1:]]
+        self.command = list(command) if command is not None else list(invocation)
         self.inputs: list[dict] = []
         self.dir: Path | None = None
         self.committed = False
@@ -236,9 +243,10 @@ class ArtifactWriter:
     def commit(self, meta: dict) -> Path:
         """Hash the files, write the manifest last, and rename the directory into place."""
         assert self.dir is not None, "commit() outside the with block"
-        (self.dir / self.RESUME_FILE).unlink(missing_ok=True)
+        scratch = [p for p in self.dir.iterdir() if p.name.startswith(".")]
         files = {}
-        for path in sorted(p for p in self.dir.rglob("*") if p.is_file()):
+        for path in sorted(p for p in self.dir.rglob("*")
+                           if p.is_file() and not p.relative_to(self.dir).parts[0].startswith(".")):
             relative = path.relative_to(self.dir).as_posix()
             files[relative] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         manifest = {
@@ -251,9 +259,11 @@ class ArtifactWriter:
             "files": files,
             "meta": meta,
         }
-        manifest_tmp = self.dir / (MANIFEST + ".partial")
+        manifest_tmp = self.dir / f".{MANIFEST}.partial"
         manifest_tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")
         os.replace(manifest_tmp, self.dir / MANIFEST)
+        for path in scratch:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         if self.out.exists():
             trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.out, trash)

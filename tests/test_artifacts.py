@@ -81,11 +81,13 @@ def test_manifest_is_utf8_json(tmp_path):
     assert open_artifact(out).meta == {"名称": "语料"}
 
 
-def test_default_command_is_argv(tmp_path, monkeypatch):
-    monkeypatch.setattr("sys.argv", ["/usr/bin/cpmctl", "data", "build", "x"])
-    with ArtifactWriter(tmp_path / "c", "report") as writer:
-        writer.commit(meta={})
-    assert open_artifact(tmp_path / "c").manifest["command"] == ["cpmctl", "data", "build", "x"]
+def test_default_command_is_the_cli_invocation(tmp_path, cli):
+    """The manifest records the arguments cpmctl ran with, also when main() is called
+    in-process (where sys.argv belongs to the host program)."""
+    (tmp_path / "a.txt").write_text("今天天气很好，我们一起去公园散步吧。", encoding="utf-8")
+    args = ["data", "build", str(tmp_path / "a.txt"), "-o", str(tmp_path / "c"), "--workers", "1"]
+    assert cli(*args).code == 0
+    assert open_artifact(tmp_path / "c").manifest["command"] == ["cpmctl", *args]
 
 
 def test_unknown_kind_rejected(tmp_path):

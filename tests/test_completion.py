@@ -107,6 +107,7 @@ def test_every_option_of_data_build_is_in_the_script(shell, root):
         offered = re.findall(r"^\s+'(?:\([^)]*\))?\*?(-[\w-]+)\[", body, re.M)
     else:
         lines = [line for line in script.splitlines() if " -a " not in line
+                 and "'__fish_seen_subcommand_from data;" in line
                  and re.search(r"(?<!not )__fish_seen_subcommand_from build\b", line)]
         offered = [("--" if kind == "l" else "-") + name
                    for line in lines for kind, name in re.findall(r" -([ls]) ([\w-]+)", line)]

@@ -66,7 +66,7 @@ def summarise(inputs: list[str], runs: list[dict], input_bytes: int, documents: 
         del run["digests"]
     exact, minhash = by_key[("exact", most)], by_key[("minhash", most)]
     speedup = {mode: round(by_key[(mode, 1)]["seconds"] / by_key[(mode, most)]["seconds"], 2)
-               for mode in ("exact", "minhash") if (mode, 1) in by_key}
+               for mode in ("exact", "minhash") if (mode, 1) in by_key and most > 1}
     cost = round(minhash["seconds"] / exact["seconds"], 2)
     return {
         "inputs": inputs,

@@ -14,7 +14,7 @@ import traceback
 
 import typer
 
-from cpmctl import __version__
+from cpmctl import __version__, artifacts
 from cpmctl.cli import bench, completion, data, quickstart, tokenizer
 from cpmctl.console import settings, stderr
 from cpmctl.errors import CpmError
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     args = sys.argv[1:] if argv is None else list(argv)
+    artifacts.invocation[:] = ["cpmctl", *args]
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:

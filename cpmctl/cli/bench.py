@@ -27,6 +27,17 @@ def _worker_counts(workers: str) -> list[int]:
     return counts
 
 
+def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple]) -> Console:
+    console = Console(highlight=False)
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*map(str, row))
+    console.print(table)
+    return console
+
+
 @app.command("data")
 def data(
     inputs: list[str] = typer.Argument(
@@ -47,15 +58,11 @@ def data(
     if as_json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return
-    console = Console(highlight=False)
-    table = Table(title=f"data build on {report['input_mb']} MB, {report['documents']:,} documents",
-                  title_justify="left")
-    for column in ("dedup", "workers", "seconds", "MB/s", "docs/s", "kept"):
-        table.add_column(column, justify="right")
-    for run in report["runs"]:
-        table.add_row(run["dedup"], str(run["workers"]), f"{run['seconds']:.2f}",
-                      f"{run['mb_per_s']:.2f}", f"{run['docs_per_s']:,}", f"{run['kept']:,}")
-    console.print(table)
+    rows = [(run["dedup"], run["workers"], f"{run['seconds']:.2f}", f"{run['mb_per_s']:.2f}",
+             f"{run['docs_per_s']:,}", f"{run['kept']:,}") for run in report["runs"]]
+    console = _print_table(f"data build on {report['input_mb']} MB, {report['documents']:,} "
+                           "documents", ("dedup", "workers", "seconds", "MB/s", "docs/s", "kept"),
+                           rows)
     for mode, ratio in report["speedup_vs_1_worker"].items():
         console.print(f"{mode}: {ratio:.2f}x faster on {counts[-1]} workers than on 1")
     console.print(f"minhash costs {report['minhash_cost_vs_exact']:.2f}x the exact-dedup time")
@@ -83,15 +90,11 @@ def speed(
     if as_json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return
-    console = Console(highlight=False)
-    table = Table(title=f"{report['scheme']} tokenizer on {report['megabytes']} MB, "
-                        f"{report['documents']:,} documents", title_justify="left")
-    for column in ("run", "workers", "seconds", "MB/s"):
-        table.add_column(column, justify="right")
-    for run in report["runs"]:
-        table.add_row(run["what"], str(run["workers"]), f"{run['seconds']:.2f}",
-                      f"{run['mb_per_s']:.2f}")
-    console.print(table)
+    rows = [(run["what"], run["workers"], f"{run['seconds']:.2f}", f"{run['mb_per_s']:.2f}")
+            for run in report["runs"]]
+    console = _print_table(f"{report['scheme']} tokenizer on {report['megabytes']} MB, "
+                           f"{report['documents']:,} documents",
+                           ("run", "workers", "seconds", "MB/s"), rows)
     scaling = report["scaling"]
     console.print(f"{scaling['workers']} workers: {scaling['speedup_vs_1']:.2f}x one worker")
     console.print(f"one worker: {report['overhead_vs_bare_loop']:.2f}x the bare loop's time")

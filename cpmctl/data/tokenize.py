@@ -5,7 +5,7 @@ The work unit is a slice of rows of one corpus row group, about 1/64 of the corp
 alone so that the output never depends on the worker count); unit k writes `train/part-k.bin` and
 `valid/part-k.bin` (flat token ids, every document followed by `<eod>`) with their
 `.idx.npy` document offsets. A unit's output depends on nothing else, so the bytes are the
-same for any worker count, and a unit is done once its marker is in `progress/`: a rerun of
+same for any worker count, and a unit is done once its marker is in `.progress/`: a rerun of
 an interrupted command (same corpus, tokenizer and settings) skips the finished units.
 
 The split is by document: a document goes to valid when the hash of (seed, its id) falls
@@ -36,7 +36,7 @@ from cpmctl.errors import CpmError
 from cpmctl.tokenizer import from_folder
 
 SPLITS = ("train", "valid")
-PROGRESS = "progress"
+PROGRESS = ".progress"  # scratch: the artifact writer drops dot-entries at commit
 TOKENIZER_FOLDER = "tokenizer"
 
 
@@ -174,9 +174,9 @@ def tokenize_corpus(corpus_path, tokenizer_path, out, *, valid_fraction: float =
             info(f"{len(done)} of {len(units)} parts are done in {writer.dir}; "
                  "rerun the same command to continue")
             raise
-        shutil.rmtree(progress)
         # The dataset carries its tokenizer, so training needs only the dataset to put the
-        # tokenizer inside the model it writes.
+        # tokenizer inside the model it writes. (Replaced whole: a resumed run may find one.)
+        shutil.rmtree(writer.dir / TOKENIZER_FOLDER, ignore_errors=True)
         shutil.copytree(tokenizer_artifact.path, writer.dir / TOKENIZER_FOLDER)
         splits = {split: {"tokens": sum(r[split]["tokens"] for r in done.values()),
                           "documents": sum(r[split]["documents"] for r in done.values()),

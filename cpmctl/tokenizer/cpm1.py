@@ -13,7 +13,7 @@ than space and newline removed (`round_trip`). Characters outside the vocabulary
 from __future__ import annotations
 
 import io
-import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,20 +90,26 @@ def train_processor(sentences: Iterable[str], vocab_size: int, byte_fallback: bo
                        f"need {minimum - 1}, plus the text's own pieces")
     model = io.BytesIO()
     try:
-        with open(os.devnull, "w") as quiet:
-            spm.SentencePieceTrainer.Train(
-                sentence_iterator=iter(sentences), model_writer=model, logstream=quiet,
-                model_type="unigram", vocab_size=vocab_size, character_coverage=0.9995,
-                normalization_rule_name="nmt_nfkc", byte_fallback=byte_fallback,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=5, pad_piece="<pad>",
-                user_defined_symbols=[NEWLINE, "<sep>", "<mask>", "<eod>"],
-                max_sentence_length=1 << 16, input_sentence_size=0, num_threads=threads,
-                train_extremely_large_corpus=False,
-            )
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=iter(sentences), model_writer=model, minloglevel=2,
+            model_type="unigram", vocab_size=vocab_size, character_coverage=0.9995,
+            normalization_rule_name="nmt_nfkc", byte_fallback=byte_fallback,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=5, pad_piece="<pad>",
+            user_defined_symbols=[NEWLINE, "<sep>", "<mask>", "<eod>"],
+            max_sentence_length=1 << 16, input_sentence_size=0, num_threads=threads,
+        )
     except RuntimeError as exc:
-        message = str(exc).split("\n")[0]
-        if "Vocabulary size" in message:
-            raise CpmError(f"--vocab-size {vocab_size} does not fit this corpus: {message}; "
-                           "lower --vocab-size or give more text") from None
-        raise
+        raise _vocab_size_error(vocab_size, str(exc)) from None
     return model.getvalue()
+
+
+def _vocab_size_error(vocab_size: int, message: str) -> Exception:
+    """SentencePiece's two vocabulary-size failures, said in terms of the --vocab-size flag."""
+    if match := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+        return CpmError(f"--vocab-size {vocab_size} is too small for this corpus: its characters "
+                        f"(99.95% coverage) and the special pieces need {match.group(1)}; "
+                        "raise --vocab-size")
+    if match := re.search(r"Vocabulary size too high \(\d+\)\. .* <= (\d+)", message):
+        return CpmError(f"--vocab-size {vocab_size} is too large for this corpus: it yields at "
+                        f"most {match.group(1)} pieces; lower --vocab-size or give more text")
+    return RuntimeError(message)
