@@ -77,16 +77,19 @@ def speed(
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A tokenizer artifact."),
     corpus: Path = typer.Option(..., "--corpus", help="A corpus artifact to tokenize."),
     workers: str = typer.Option("1,2", help="Comma-separated worker counts (1 is needed)."),
+    repeat: int = typer.Option(1, help="Runs per setting; the fastest counts."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Tokenizer throughput: data tokenize on 1 and N workers against the bare loop.
 
-    Example: cpmctl bench speed --tokenizer work/tokenizer --corpus work/corpus
+    Example: cpmctl bench speed --tokenizer work/tokenizer --corpus work/corpus --repeat 3
     """
     counts = _worker_counts(workers)
     if counts[0] != 1:
         raise CpmError("--workers must include 1: the other counts are compared with it")
-    report = bench_tokenizer(tokenizer, corpus, counts)
+    if repeat < 1:
+        raise CpmError("--repeat must be at least 1")
+    report = bench_tokenizer(tokenizer, corpus, counts, repeat)
     if as_json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return

@@ -19,7 +19,8 @@ from cpmctl.errors import CpmError
 DOCUMENT_COLUMNS = ("id", "text", "source", "meta")
 CORPUS_SCHEMA = pa.schema([(name, pa.string()) for name in DOCUMENT_COLUMNS])
 REJECTED_SCHEMA = CORPUS_SCHEMA.append(pa.field("reason", pa.string()))
-_ROW_GROUP_ROWS = 16384
+# Small row groups: `data tokenize` works on slices of them, and decodes a whole group for one.
+_ROW_GROUP_ROWS = 2048
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
           "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 

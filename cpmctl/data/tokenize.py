@@ -142,14 +142,15 @@ def tokenize_corpus(corpus_path, tokenizer_path, out, *, valid_fraction: float =
     corpus = open_artifact(corpus_path, "corpus", option="data tokenize")
     tokenizer_artifact = open_artifact(tokenizer_path, "tokenizer", option="--tokenizer")
     tokenizer = from_folder(tokenizer_artifact.path)
-    units = plan_units(corpus.path)
-    if not units:
-        raise CpmError(f"{corpus_path} has no documents to tokenize")
     dtype = dtype_for(tokenizer.vocab_size)
     settings = {"corpus": corpus.digest, "tokenizer": tokenizer_artifact.digest, "dtype": dtype,
                 "valid_fraction": valid_fraction, "seed": seed, "cpmctl": __version__}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    with ArtifactWriter(out, "dataset", force=force, command=command, resume_key=key) as writer:
+    with ArtifactWriter(out, "dataset", force=force, command=command,
+                        resume_key=key) as writer:
+        units = plan_units(corpus.path)
+        if not units:
+            raise CpmError(f"{corpus_path} has no documents to tokenize")
         progress = writer.dir / PROGRESS
         progress.mkdir(exist_ok=True)
         done = {int(p.stem.split("-")[1]): json.loads(p.read_text())
