@@ -2,7 +2,7 @@
 
 _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for path $1
     case "$1" in
-        '') subs='bench completion data quickstart tokenizer' opts='--debug --quiet -q --version --help -h' takes='' ;;
+        '') subs='bench completion data model quickstart tokenizer' opts='--debug --quiet -q --version --help -h' takes='' ;;
         bench) subs='data speed' opts='--help -h' takes='' ;;
         'bench data') subs='' opts='--workers --repeat --json --help -h' takes='--workers --repeat' ;;
         'bench speed') subs='' opts='--tokenizer -t --corpus --workers --repeat --json --help -h' takes='--tokenizer -t --corpus --workers --repeat' ;;
@@ -11,6 +11,8 @@ _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for pa
         'data build') subs='' opts='--output -o --text-field --format --split --min-chars --max-chars --min-cjk-ratio --max-symbol-ratio --max-repeated-line-ratio --max-repeated-ngram-ratio --repeated-ngram --blocklist --dedup --minhash-bands --minhash-rows --shingle --seed --shard-size --keep-rejected --no-keep-rejected --workers --force --json --help -h' takes='--output -o --text-field --format --split --min-chars --max-chars --min-cjk-ratio --max-symbol-ratio --max-repeated-line-ratio --max-repeated-ngram-ratio --repeated-ngram --blocklist --dedup --minhash-bands --minhash-rows --shingle --seed --shard-size --workers' ;;
         'data inspect') subs='' opts='--json --sample --seed --rejected --no-rejected --verify --help -h' takes='--sample --seed' ;;
         'data tokenize') subs='' opts='--tokenizer -t --output -o --valid-fraction --seed --workers --force --help -h' takes='--tokenizer -t --output -o --valid-fraction --seed --workers' ;;
+        model) subs=info opts='--help -h' takes='' ;;
+        'model info') subs='' opts='--recipe -r --set --json --help -h' takes='--recipe -r --set' ;;
         quickstart) subs='' opts='--workdir -w --workers --help -h' takes='--workdir -w --workers' ;;
         tokenizer) subs='build decode encode import' opts='--help -h' takes='' ;;
         'tokenizer build') subs='' opts='--output -o --scheme --vocab-size --sample-bytes --byte-fallback --no-byte-fallback --sentinels --min-char-count --workers --force --help -h' takes='--output -o --scheme --vocab-size --sample-bytes --sentinels --min-char-count --workers' ;;

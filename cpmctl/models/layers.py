@@ -1,0 +1,121 @@
+"""What the GPT (CPM-1) and encoder-decoder (CPM-2) models share: RMSNorm, the attention call,
+the two feed-forward networks, and the init helpers.
+
+Shapes: activations are [batch, seq, d_model]; attention works on [batch, heads, seq, d_head].
+An attention mask here is boolean, True where a query may look at a key, and broadcastable to
+[batch, heads, q_len, k_len].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (T5's LayerNorm): scale only, no mean, no bias.
+
+    NOTE: the mean square is taken in fp32 whatever the input dtype (bf16 has too few mantissa
+    bits for a sum over thousands of squares); the result goes back to the input dtype.
+    """
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x32).to(x.dtype)
+
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[batch, seq, heads * d_head] -> [batch, heads, seq, d_head]."""
+    b, s, _ = x.shape
+    return x.view(b, s, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, seq, d_head] -> [batch, seq, heads * d_head]."""
+    b, _, s, _ = x.shape
+    return x.transpose(1, 2).reshape(b, s, -1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+              mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              causal: bool = False, scale: float | None = None,
+              dropout: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention through `F.scaled_dot_product_attention`.
+
+    `mask` (bool, True = attend) and `bias` (float, added to the scores, e.g. T5's relative
+    position bias) are folded into one additive mask. `scale` None is 1/sqrt(d_head); T5 passes
+    1.0. With neither mask nor bias, `causal` uses SDPA's own causal path (no mask tensor).
+
+    NOTE: masked scores are set to the dtype's most negative finite value rather than -inf, so
+    a query with nothing to attend to (a left-padding position) gets a finite, meaningless
+    output instead of NaN, which would otherwise leak into gradients.
+    """
+    if mask is None and bias is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
+                                              scale=scale)
+    if causal:
+        q_len, k_len = q.shape[-2], k.shape[-2]
+        tril = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+        mask = tril if mask is None else mask & tril
+    scores = (bias.to(q.dtype) if bias is not None
+              else torch.zeros((), dtype=q.dtype, device=q.device))
+    if mask is not None:
+        scores = torch.where(mask, scores, torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=scores, dropout_p=dropout,
+                                          scale=scale)
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A [batch, seq] padding mask (1 = real token) -> bool [batch, 1, 1, seq] over the keys."""
+    if attention_mask is None:
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+class GeluMLP(nn.Module):
+    """GPT's MLP: d_model -> d_ff -> d_model with tanh-approximated GELU, biases on.
+
+    No dropout inside (GPT-2 has none there); the block drops the output on the residual.
+    """
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.c_fc = nn.Linear(d_model, d_ff)
+        self.c_proj = nn.Linear(d_ff, d_model)  # the "down" projection, scaled at init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class GatedGeluFFN(nn.Module):
+    """T5 v1.1's FFN: wo(gelu_tanh(wi_0 x) * wi_1 x), no biases ("gated-gelu" / "gelu_new").
+
+    Dropout on the hidden activations as in T5; the block drops the output on the residual.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.wi_0 = nn.Linear(d_model, d_ff, bias=False)
+        self.wi_1 = nn.Linear(d_model, d_ff, bias=False)
+        self.wo = nn.Linear(d_ff, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
+        return self.wo(self.dropout(h))
+
+
+def init_normal(module: nn.Module, std: float) -> None:
+    """N(0, std) for every Linear and Embedding weight, zero biases; norms keep ones/zeros."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)

@@ -1,0 +1,47 @@
+"""`cpmctl model info`: the published CPM sizes, counted on the meta device."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+PUBLISHED = {  # ARCHITECTURE §5
+    "cpm1-small": 109e6,
+    "cpm1-medium": 334e6,
+    "cpm1-large": 2.6e9,
+    "cpm2": 11e9,
+    "cpm2-moe": 198e9,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_recipes_have_the_published_sizes(name, cli):
+    result = cli("model", "info", "--recipe", RECIPES / f"{name}.toml", "--json")
+    assert result.code == 0, result.err
+    parameters = json.loads(result.out)["parameters"]
+    assert abs(parameters - PUBLISHED[name]) / PUBLISHED[name] < 0.02
+
+
+def test_overrides_and_errors(cli):
+    small = RECIPES / "cpm1-small.toml"
+    deeper = json.loads(cli("model", "info", "-r", small, "--set", "model.n_layers=24",
+                            "--json").out)
+    assert deeper["layers"] == 24 and deeper["parameters"] > 190e6
+    result = cli("model", "info", "-r", small, "--set", "model.n_layer=7")
+    assert result.code == 2
+    assert result.err.strip() == ("error: --set: unknown key model.n_layer "
+                                  "(did you mean model.n_layers?)")
+    table = cli("model", "info", "-r", small)
+    assert table.code == 0 and "109M parameters" in table.out
+
+
+def test_the_cli_starts_without_importing_torch():
+    """torch takes seconds to import: only the commands that need it may import it."""
+    code = "import sys, cpmctl.cli; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
