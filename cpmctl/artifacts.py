@@ -253,7 +253,7 @@ class ArtifactWriter:
             "kind": self.kind,
             "format": FORMATS[self.kind],
             "cpmctl": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": self.command,
             "inputs": self.inputs,
             "files": files,

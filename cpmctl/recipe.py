@@ -29,16 +29,12 @@ import inspect
 import math
 import re
 import textwrap
+import tomllib
 import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 from cpmctl.errors import CpmError
 from cpmctl.models.config import ARCHS, ROUTERS, ModelConfig, MoeConfig

@@ -7,7 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import pytest
@@ -146,7 +146,7 @@ def test_fish_completes_commands_and_options(scripts):
     assert complete("cpmctl data build --keep") == ["--keep-rejected"]
 
 
-class Level(str, Enum):
+class Level(StrEnum):
     low = "low"
     high = "high"
 
