@@ -2,7 +2,7 @@
 
 _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for path $1
     case "$1" in
-        '') subs='bench completion data model quickstart tokenizer' opts='--debug --quiet -q --version --help -h' takes='' ;;
+        '') subs='bench completion data model quickstart tokenizer train' opts='--debug --quiet -q --version --help -h' takes='' ;;
         bench) subs='data speed' opts='--help -h' takes='' ;;
         'bench data') subs='' opts='--workers --repeat --json --help -h' takes='--workers --repeat' ;;
         'bench speed') subs='' opts='--tokenizer -t --corpus --workers --repeat --json --help -h' takes='--tokenizer -t --corpus --workers --repeat' ;;
@@ -19,6 +19,7 @@ _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for pa
         'tokenizer decode') subs='' opts='--tokenizer -t --jsonl --help -h' takes='--tokenizer -t' ;;
         'tokenizer encode') subs='' opts='--tokenizer -t --jsonl --help -h' takes='--tokenizer -t' ;;
         'tokenizer import') subs='' opts='--output -o --force --help -h' takes='--output -o' ;;
+        train) subs='' opts='--recipe -r --set --resume --force --help -h' takes='--recipe -r --set' ;;
         *) subs='' opts='' takes='' ;;
     esac
 }

@@ -243,27 +243,7 @@ class ArtifactWriter:
     def commit(self, meta: dict) -> Path:
         """Hash the files, write the manifest last, and rename the directory into place."""
         assert self.dir is not None, "commit() outside the with block"
-        scratch = [p for p in self.dir.iterdir() if p.name.startswith(".")]
-        files = {}
-        for path in sorted(p for p in self.dir.rglob("*")
-                           if p.is_file() and not p.relative_to(self.dir).parts[0].startswith(".")):
-            relative = path.relative_to(self.dir).as_posix()
-            files[relative] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        manifest = {
-            "kind": self.kind,
-            "format": FORMATS[self.kind],
-            "cpmctl": __version__,
-            "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "command": self.command,
-            "inputs": self.inputs,
-            "files": files,
-            "meta": meta,
-        }
-        manifest_tmp = self.dir / f".{MANIFEST}.partial"
-        manifest_tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")
-        os.replace(manifest_tmp, self.dir / MANIFEST)
-        for path in scratch:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _write_manifest(self.dir, self.kind, self.command, self.inputs, meta)
         if self.out.exists():
             trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.out, trash)
@@ -273,3 +253,35 @@ class ArtifactWriter:
             os.rename(self.dir, self.out)
         self.committed = True
         return self.out
+
+
+def _write_manifest(folder: Path, kind: str, command: list[str], inputs: list[dict],
+                    meta: dict) -> None:
+    """Hash every file, write `cpm-artifact.json` (last), then drop the scratch dot-entries."""
+    scratch = [p for p in folder.iterdir() if p.name.startswith(".")]
+    files = {}
+    for path in sorted(p for p in folder.rglob("*")
+                       if p.is_file() and not p.relative_to(folder).parts[0].startswith(".")):
+        relative = path.relative_to(folder).as_posix()
+        files[relative] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = {
+        "kind": kind,
+        "format": FORMATS[kind],
+        "cpmctl": __version__,
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "inputs": inputs,
+        "files": files,
+        "meta": meta,
+    }
+    manifest_tmp = folder / f".{MANIFEST}.partial"
+    manifest_tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    os.replace(manifest_tmp, folder / MANIFEST)
+    for path in scratch:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def finalize_in_place(folder: Path, kind: str, meta: dict, command=None) -> None:
+    """Make a folder that was built in place over a long job (a training run) an artifact:
+    its manifest is written when the job ends, so until then it never looks finished."""
+    _write_manifest(Path(folder), kind, list(command) if command else list(invocation), [], meta)

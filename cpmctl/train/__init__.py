@@ -1,0 +1,1 @@
+"""Training: the loop, its engines, and checkpoints (ARCHITECTURE §6)."""

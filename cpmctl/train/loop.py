@@ -1,0 +1,332 @@
+"""`cpmctl train`: a recipe -> a run folder (recipe.toml, metrics.jsonl, checkpoints/, final/).
+
+    cpmctl train --recipe recipes/tiny-gpt.toml                    # one process
+    torchrun --nproc_per_node 2 -m cpmctl train --recipe R.toml    # DDP (gloo on CPU, NCCL on GPU)
+    cpmctl train --recipe R.toml --resume                          # continue a killed run
+
+The data order is one integer, the number of samples consumed, so a resumed run continues
+with the very next batch; with the model, optimizer and RNG states restored from the newest
+valid checkpoint, the loss curve continues exactly as if the run had never stopped.
+
+The loss of a step is the mean over every target token of the global batch: each micro-batch
+contributes its token sum divided by the global token count (times the world size, which DDP's
+gradient averaging divides out), so one process and N processes compute the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cpmctl.artifacts import MANIFEST, finalize_in_place, open_artifact
+from cpmctl.console import info, warn
+from cpmctl.data.samples import PackedSamples, open_dataset
+from cpmctl.errors import CpmError
+from cpmctl.models import build_model
+from cpmctl.models.artifact import load_model, save_model
+from cpmctl.recipe import Recipe, dump_recipe, load_recipe, recipe_digest
+from cpmctl.train.checkpoint import (
+    check_world_size,
+    find_resumable,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from cpmctl.train.objectives import lm_batch, lm_loss
+from cpmctl.train.optim import build_optimizer
+from cpmctl.train.schedule import learning_rate
+
+RECIPE_FILE = "recipe.toml"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Processes:
+    """Where this process stands among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes() -> Processes:
+    """One process, or this one of a `torchrun` group (its WORLD_SIZE/RANK variables)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size == 1:
+        return Processes(device=torch.device("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Processes(dist.get_rank(), world_size, device)
+
+
+def _check_recipe(recipe: Recipe, processes: Processes) -> None:
+    if recipe.engine.name != "torch":
+        raise CpmError(f"engine.name = {recipe.engine.name!r}: only the 'torch' engine is "
+                       "available in this version (DeepSpeed support is planned)")
+    if recipe.model.arch != "gpt":
+        raise CpmError(f"model.arch = {recipe.model.arch!r}: training supports 'gpt' in this "
+                       "version (the encdec span-corruption trainer is planned)")
+    if recipe.train.precision == "fp16" and processes.device.type != "cuda":
+        raise CpmError("train.precision = 'fp16' needs a CUDA device (loss scaling); "
+                       "use 'bf16' or 'fp32' on CPU")
+    if not recipe.data.dataset:
+        raise CpmError("data.dataset: the recipe names no dataset (cpmctl data tokenize)")
+
+
+class Trainer:
+    """One training run, from a recipe, in the run folder `recipe.run.output_dir`."""
+
+    def __init__(self, recipe: Recipe, *, resume: bool, force: bool = False):
+        self.recipe, self.resume = recipe, resume
+        self.processes = start_processes()
+        _check_recipe(recipe, self.processes)
+        self.run_dir = recipe.run.output_dir
+        data, train = recipe.data, recipe.train
+        self.stream = open_dataset(data.dataset, data.train_split)
+        dataset_meta = open_artifact(data.dataset, "dataset").meta
+        if dataset_meta["vocab_size"] > recipe.model.vocab_size:
+            raise CpmError(f"model.vocab_size {recipe.model.vocab_size} is smaller than the "
+                           f"tokenizer of {data.dataset} ({dataset_meta['vocab_size']} tokens)")
+        self.samples = PackedSamples(self.stream, data.seq_len, recipe.run.seed)
+        self.eval_samples = self._eval_samples()
+        self.accumulation = train.accumulation(data.seq_len, self.processes.world_size)
+        self.global_batch = train.batch_samples(data.seq_len, self.processes.world_size)
+        torch.manual_seed(recipe.run.seed)
+        self.model = self._initial_model().to(self.processes.device)
+        self.optimizer = build_optimizer(self.model, train)
+        self.step, self.consumed = 0, 0
+        # NOTE: only now, with everything that can fail checked, is the run folder touched:
+        # a failed start must not leave a folder that blocks the corrected retry.
+        self._prepare_run_dir(force)
+        if resume:
+            self._restore()
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model)
+                    if self.processes.world_size > 1 else self.model)
+
+    # --- set-up -----------------------------------------------------------------------
+
+    def _prepare_run_dir(self, force: bool) -> None:
+        run_dir, recipe_text = self.run_dir, dump_recipe(self.recipe, comments=True)
+        if (run_dir / MANIFEST).is_file() and not force:
+            raise CpmError(f"{run_dir} is a finished run; pass --force to train it again")
+        saved = run_dir / RECIPE_FILE
+        if self.resume:
+            if not saved.is_file():
+                raise CpmError(f"{run_dir}: nothing to resume (no {RECIPE_FILE})")
+            before = recipe_digest(load_recipe(saved))
+            if before != recipe_digest(self.recipe):
+                raise CpmError(f"{run_dir}: the recipe differs from the one the run started "
+                               f"with ({saved}); resume with that recipe")
+            return
+        if saved.is_file() and not force:
+            raise CpmError(f"{run_dir} holds a run already; pass --resume to continue it or "
+                           "--force to start again")
+        self._barrier()  # every process has looked before the first one writes
+        if self.processes.main:
+            if force and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            saved.write_text(recipe_text, encoding="utf-8")
+        self._barrier()
+
+    def _eval_samples(self) -> PackedSamples | None:
+        data = self.recipe.data
+        if not self.recipe.train.eval_every:
+            return None
+        try:
+            return PackedSamples(open_dataset(data.dataset, data.eval_split), data.seq_len, 0)
+        except CpmError as exc:
+            warn(f"no validation: {exc}")
+            return None
+
+    def _initial_model(self):
+        if not self.recipe.init.model:
+            return build_model(self.recipe.model)
+        model, cfg = load_model(self.recipe.init.model, option="init.model")
+        if cfg != self.recipe.model:
+            raise CpmError(f"init.model {self.recipe.init.model}: its architecture differs "
+                           "from the recipe's [model] (grow it first: cpmctl grow)")
+        return model
+
+    def _restore(self) -> None:
+        checkpoint = find_resumable(self.run_dir)
+        if checkpoint is None:
+            info(f"{self.run_dir}: no checkpoint yet; starting from step 0")
+            return
+        state = load_checkpoint(checkpoint, self.model, self.optimizer)
+        check_world_size(state, self.processes.world_size, checkpoint)
+        self.step, self.consumed = state["step"], state["consumed_samples"]
+        set_rng_state(state["rng"])
+        self._truncate_metrics(self.step)
+        info(f"resuming {self.run_dir} from {checkpoint.name} (step {self.step})")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop the lines a killed run logged after its last checkpoint."""
+        path = self.run_dir / METRICS_FILE
+        if self.processes.main and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _barrier(self) -> None:
+        if self.processes.world_size > 1:
+            dist.barrier()
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _autocast(self):
+        precision, device = self.recipe.train.precision, self.processes.device.type
+        if precision == "fp32":
+            return torch.autocast(device, enabled=False)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device, dtype=dtype)
+
+    def _micro_batches(self) -> list[dict]:
+        """This process's share of the next global batch, cut into micro-batches."""
+        p, micro = self.processes, self.recipe.train.micro_batch
+        rows = self.samples.shard(self.consumed, self.global_batch, p.rank, p.world_size)
+        eod = self.stream.eod_id
+        return [lm_batch(rows[i:i + micro], eod) for i in range(0, len(rows), micro)]
+
+    def _all_sum(self, value: float) -> float:
+        if self.processes.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return float(tensor.item())
+
+    def train_step(self) -> dict:
+        """One optimizer step over one global batch; returns its metrics."""
+        train, device = self.recipe.train, self.processes.device
+        lr = learning_rate(self.step, train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = self._micro_batches()
+        tokens = self._all_sum(float(sum(int(b["loss_mask"].sum()) for b in batches)))
+        scale = self.processes.world_size / tokens
+        loss_sum = 0.0
+        for index, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            last = index == len(batches) - 1
+            sync = self.ddp.no_sync() if self.ddp is not self.model and not last else nullcontext()
+            with sync:
+                with self._autocast():
+                    logits = self.ddp(batch["input_ids"])
+                loss, count = lm_loss(logits, batch["labels"], batch["loss_mask"])
+                (loss * count * scale).backward()
+            loss_sum += float(loss.detach()) * int(count)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   train.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.consumed += self.global_batch
+        return {"step": self.step, "loss": self._all_sum(loss_sum) / tokens, "lr": lr,
+                "grad_norm": float(grad_norm), "tokens": int(tokens)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss on the first `eval_steps` batches of the valid split (the same each time)."""
+        if self.eval_samples is None:
+            return None
+        self.model.eval()
+        total = count = 0.0
+        micro, eod = self.recipe.train.micro_batch, self.stream.eod_id
+        for step in range(self.recipe.train.eval_steps):
+            rows = self.eval_samples.batch(step * micro, micro)
+            batch = {k: v.to(self.processes.device) for k, v in lm_batch(rows, eod).items()}
+            with self._autocast():
+                logits = self.model(batch["input_ids"])
+            loss, n = lm_loss(logits, batch["labels"], batch["loss_mask"])
+            total += float(loss) * int(n)
+            count += int(n)
+        self.model.train()
+        return total / max(count, 1)
+
+    def _log(self, record: dict) -> None:
+        if self.processes.main:
+            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _checkpoint(self, loss: float) -> None:
+        if self.processes.main:
+            state = {"step": self.step, "consumed_samples": self.consumed,
+                     "world_size": self.processes.world_size, "rng": rng_state(), "loss": loss}
+            save_checkpoint(self.run_dir, self.step, self.model, self.recipe.model,
+                            self.optimizer, state, keep=self.recipe.checkpoint.keep)
+        self._barrier()
+
+    def run(self) -> Path:
+        train, every = self.recipe.train, self.recipe.checkpoint.every
+        self.model.train()
+        started, tokens_since, last_log = time.perf_counter(), 0, time.perf_counter()
+        while self.step < train.steps:
+            metrics = self.train_step()
+            tokens_since += metrics["tokens"]
+            if self.step % max(train.log_every, 1) == 0 or self.step == train.steps:
+                now = time.perf_counter()
+                metrics["tokens_per_s"] = round(tokens_since / max(now - last_log, 1e-9), 1)
+                metrics["memory_mb"] = _memory_mb(self.processes.device)
+                metrics["elapsed_s"] = round(now - started, 3)
+                tokens_since, last_log = 0, now
+                info(f"step {self.step}/{train.steps} loss {metrics['loss']:.4f} "
+                     f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s")
+            if train.eval_every and self.step % train.eval_every == 0:
+                metrics["valid_loss"] = self.evaluate()
+                if metrics["valid_loss"] is not None:
+                    info(f"step {self.step}: valid loss {metrics['valid_loss']:.4f}")
+            self._log(metrics)
+            if every and self.step % every == 0 and self.step < train.steps:
+                self._checkpoint(metrics["loss"])
+        return self._finish()
+
+    def _finish(self) -> Path:
+        final = self.run_dir / "final"
+        if self.processes.main:
+            tokenizer = Path(self.recipe.data.dataset) / "tokenizer"
+            save_model(final, self.model, self.recipe.model,
+                       tokenizer if tokenizer.is_dir() else None,
+                       meta={"steps": self.step, "recipe": recipe_digest(self.recipe)},
+                       force=True)
+            finalize_in_place(self.run_dir, "run", {
+                "recipe": recipe_digest(self.recipe), "engine": self.recipe.engine.name,
+                "world_size": self.processes.world_size, "steps": self.step})
+        self._barrier()
+        return final
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    with open("/proc/self/status") as f:
+        rss = next((line for line in f if line.startswith("VmRSS")), "VmRSS: 0 kB")
+    return round(int(rss.split()[1]) / 1024, 1)
+
+
+def train(recipe_path: str, overrides: list[str], *, resume: bool, force: bool) -> Path:
+    recipe = load_recipe(recipe_path, overrides)
+    trainer = Trainer(recipe, resume=resume, force=force)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.processes.world_size > 1:
+            dist.destroy_process_group()
+
+

