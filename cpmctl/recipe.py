@@ -519,14 +519,29 @@ def _toml_error(path: str, text: str, exc: Exception) -> CpmError:
     return CpmError(f"{path}: line {max(line, 1)}: {detail}")
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
-    """Read a recipe file, apply `--set` overrides (`section.key=value`), build and validate."""
-    label = str(path)
+#: The recipes shipped with cpmctl; `--recipe tiny-gpt` names one of them.
+SHIPPED = Path(__file__).resolve().parent / "recipes"
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file, or the name of a shipped one ("tiny-gpt") when no such file exists."""
     file = Path(path)
+    shipped = SHIPPED / f"{path}.toml"
+    if not file.exists() and file.parent == Path(".") and shipped.is_file():
+        return shipped
+    return file
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read a recipe file (or a shipped recipe by name), apply `--set` overrides
+    (`section.key=value`), build and validate."""
+    label = str(path)
+    file = resolve_recipe(path)
     try:
         raw = file.read_bytes()
     except FileNotFoundError:
-        siblings = {p.stem: p for p in file.parent.glob("*.toml")} if file.parent.is_dir() else {}
+        folder = file.parent if file.parent != Path(".") else SHIPPED
+        siblings = {p.stem: p for p in folder.glob("*.toml")} if folder.is_dir() else {}
         close = difflib.get_close_matches(file.stem, list(siblings), n=1, cutoff=0.75)
         hint = f" (did you mean {siblings[close[0]]}?)" if close else ""
         raise CpmError(f"{label}: no such recipe{hint}") from None

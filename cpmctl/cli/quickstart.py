@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -53,4 +54,11 @@ def quickstart(
     console.print(f"dataset: {made['dataset']['path']} ("
                   + ", ".join(f"{name} {s['tokens']:,} tokens in {s['documents']:,} documents"
                               for name, s in splits.items()) + ")")
-    console.print(f"next: cpmctl data inspect {made['dataset']['path']} --verify")
+    records = [json.loads(line) for line in
+               (made["run"]["path"] / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    valid = [(r["step"], r["valid_loss"]) for r in records if r.get("valid_loss") is not None]
+    console.print(f"trained tiny-gpt for {records[-1]['step']} steps: training loss "
+                  f"{records[0]['loss']:.2f} -> {records[-1]['loss']:.2f}, validation loss "
+                  + " -> ".join(f"{loss:.2f} (step {step})" for step, loss in valid))
+    console.print(f"model: {made['run']['final']}")
+    console.print(f"next: cpmctl data inspect {made['run']['final']} --verify")
