@@ -25,12 +25,11 @@ output = "{output}"
 seed = 7
 
 [model]
-arch = "gpt"
+{model}
 vocab_size = 4000
 d_model = 64
 n_heads = 4
 n_layers = 2
-max_positions = 64
 dropout = 0.1
 
 [data]
@@ -54,6 +53,9 @@ keep = 2
 """
 
 
+GPT = 'arch = "gpt"\nmax_positions = 64'
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("train-data")
@@ -65,14 +67,24 @@ def dataset(tmp_path_factory) -> Path:
                     sample_bytes=10**8, workers=1, command=["test"])
     tokenize_corpus(folder / "corpus", folder / "tok", folder / "dataset", workers=1,
                     valid_fraction=0.05, command=["test"])
+    build_tokenizer(folder / "corpus", folder / "tok2", scheme="cpm2", vocab_size=4000,
+                    sample_bytes=10**8, workers=1, sentinels=100, command=["test"])
+    tokenize_corpus(folder / "corpus", folder / "tok2", folder / "dataset2", workers=1,
+                    valid_fraction=0.05, command=["test"])
     return folder / "dataset"
 
 
 def recipe(tmp_path: Path, dataset: Path, name: str = "r", *, steps: int = 12,
-           every: int = 4, eval_every: int = 6) -> Path:
+           every: int = 4, eval_every: int = 6, arch: str = "gpt") -> Path:
+    if arch == "encdec":
+        dataset = dataset.parent / "dataset2"  # cpm2: span corruption needs sentinels
+    text = RECIPE.format(output=tmp_path / f"run-{name}", dataset=dataset, steps=steps,
+                         every=every, eval_every=eval_every,
+                         model=GPT if arch == "gpt" else 'arch = "encdec"')
+    if arch == "encdec":
+        text += "\n[model.moe]\nexperts = 2\nrouter = \"topk\"\n"
     path = tmp_path / f"{name}.toml"
-    path.write_text(RECIPE.format(output=tmp_path / f"run-{name}", dataset=dataset, steps=steps,
-                                  every=every, eval_every=eval_every), encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -111,11 +123,12 @@ def test_a_run_writes_checkpoints_metrics_and_a_final_model(dataset, tmp_path, c
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_identical_loss_at_every_step(dataset, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt", "encdec"])  # encdec: a top-k MoE, span corruption
+def test_resume_after_sigkill_gives_the_identical_loss_at_every_step(dataset, tmp_path, arch):
     straight = cpmctl("-q", "train", "--recipe", recipe(tmp_path, dataset, "a", steps=60,
-                                                          every=10, eval_every=0))
+                                                          every=10, eval_every=0, arch=arch))
     assert straight.wait(timeout=300) == 0, straight.stderr.read().decode()
-    killed_recipe = recipe(tmp_path, dataset, "b", steps=60, every=10, eval_every=0)
+    killed_recipe = recipe(tmp_path, dataset, "b", steps=60, every=10, eval_every=0, arch=arch)
     killed = cpmctl("-q", "train", "--recipe", killed_recipe)
     log, deadline = tmp_path / "run-b" / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 35):
@@ -165,6 +178,8 @@ def test_bad_input(dataset, tmp_path, cli):
         (("--set", "engine.name=deepspeed"), "only the 'torch' engine is available"),
         (("--set", "train.precision=fp16"), "'fp16' needs a CUDA device"),
         (("--resume",), "nothing to resume"),
+        (("--set", "model.arch=encdec", "--set", "model.max_positions=1024"),
+         "trains on span corruption, which needs sentinels"),
     ]
     for args, message in cases:
         result = cli("train", "--recipe", good, *args)

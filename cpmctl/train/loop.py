@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -33,6 +34,7 @@ from cpmctl.errors import CpmError
 from cpmctl.models import build_model
 from cpmctl.models.artifact import load_model, save_model
 from cpmctl.recipe import Recipe, dump_recipe, load_recipe, recipe_digest
+from cpmctl.tokenizer import from_folder
 from cpmctl.train.checkpoint import (
     check_world_size,
     find_resumable,
@@ -41,12 +43,52 @@ from cpmctl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from cpmctl.train.objectives import lm_batch, lm_loss
+from cpmctl.train.objectives import encdec_batch, encdec_loss, lm_batch, lm_loss
 from cpmctl.train.optim import build_optimizer
 from cpmctl.train.schedule import learning_rate
 
 RECIPE_FILE = "recipe.toml"
 METRICS_FILE = "metrics.jsonl"
+
+
+class CausalLM:
+    """CPM-1: next-token prediction over packed windows; no loss where the input is <eod>."""
+
+    def __init__(self, data, eod_id: int):
+        self.window = data.seq_len
+        self.eod_id = eod_id
+
+    def batch(self, rows: np.ndarray, indices: np.ndarray) -> dict:
+        return lm_batch(rows, self.eod_id)
+
+    def loss(self, model, batch: dict):
+        logits = model(batch["input_ids"])
+        return lm_loss(logits, batch["labels"], batch["loss_mask"])
+
+
+class SpanCorruption:
+    """CPM-2: T5 span corruption of raw windows, each derived from (seed, its global sample
+    index), so the corruption survives a resume and does not depend on the process count."""
+
+    def __init__(self, data, seed: int, tokenizer):
+        if tokenizer.sentinels is None:
+            raise CpmError(f"model.arch = 'encdec' trains on span corruption, which needs "
+                           f"sentinels <s_0>...: {data.dataset} was tokenized with a "
+                           f"{tokenizer.scheme} tokenizer that has none (use --scheme cpm2)")
+        self.data, self.seed, self.tokenizer = data, seed, tokenizer
+        self.window = data.span_lengths()[0] - 1  # PackedSamples adds one token
+
+    def batch(self, rows: np.ndarray, indices: np.ndarray) -> dict:
+        tok = self.tokenizer
+        parts = [encdec_batch(rows[i:i + 1], int(indices[i]), self.seed, self.data,
+                              eod_id=tok.eod_id, pad_id=tok.pad_id, sentinels=tok.sentinels)
+                 for i in range(len(rows))]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def loss(self, model, batch: dict):
+        logits = model(batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
+                       batch["decoder_attention_mask"])
+        return encdec_loss(logits, batch["labels"], batch["loss_mask"])
 
 
 @dataclass
@@ -80,9 +122,6 @@ def _check_recipe(recipe: Recipe, processes: Processes) -> None:
     if recipe.engine.name != "torch":
         raise CpmError(f"engine.name = {recipe.engine.name!r}: only the 'torch' engine is "
                        "available in this version (DeepSpeed support is planned)")
-    if recipe.model.arch != "gpt":
-        raise CpmError(f"model.arch = {recipe.model.arch!r}: training supports 'gpt' in this "
-                       "version (the encdec span-corruption trainer is planned)")
     if recipe.train.precision == "fp16" and processes.device.type != "cuda":
         raise CpmError("train.precision = 'fp16' needs a CUDA device (loss scaling); "
                        "use 'bf16' or 'fp32' on CPU")
@@ -104,7 +143,10 @@ class Trainer:
         if dataset_meta["vocab_size"] > recipe.model.vocab_size:
             raise CpmError(f"model.vocab_size {recipe.model.vocab_size} is smaller than the "
                            f"tokenizer of {data.dataset} ({dataset_meta['vocab_size']} tokens)")
-        self.samples = PackedSamples(self.stream, data.seq_len, recipe.run.seed)
+        tokenizer = from_folder(Path(data.dataset) / "tokenizer")
+        self.objective = (CausalLM(data, self.stream.eod_id) if recipe.model.arch == "gpt"
+                          else SpanCorruption(data, recipe.run.seed, tokenizer))
+        self.samples = PackedSamples(self.stream, self.objective.window, recipe.run.seed)
         self.eval_samples = self._eval_samples()
         self.accumulation = train.accumulation(data.seq_len, self.processes.world_size)
         self.global_batch = train.batch_samples(data.seq_len, self.processes.world_size)
@@ -151,7 +193,8 @@ class Trainer:
         if not self.recipe.train.eval_every:
             return None
         try:
-            return PackedSamples(open_dataset(data.dataset, data.eval_split), data.seq_len, 0)
+            stream = open_dataset(data.dataset, data.eval_split)
+            return PackedSamples(stream, self.objective.window, 0)
         except CpmError as exc:
             warn(f"no validation: {exc}")
             return None
@@ -202,8 +245,9 @@ class Trainer:
         """This process's share of the next global batch, cut into micro-batches."""
         p, micro = self.processes, self.recipe.train.micro_batch
         rows = self.samples.shard(self.consumed, self.global_batch, p.rank, p.world_size)
-        eod = self.stream.eod_id
-        return [lm_batch(rows[i:i + micro], eod) for i in range(0, len(rows), micro)]
+        indices = self.consumed + np.arange(p.rank, self.global_batch, p.world_size)
+        return [self.objective.batch(rows[i:i + micro], indices[i:i + micro])
+                for i in range(0, len(rows), micro)]
 
     def _all_sum(self, value: float) -> float:
         if self.processes.world_size == 1:
@@ -228,9 +272,10 @@ class Trainer:
             sync = self.ddp.no_sync() if self.ddp is not self.model and not last else nullcontext()
             with sync:
                 with self._autocast():
-                    logits = self.ddp(batch["input_ids"])
-                loss, count = lm_loss(logits, batch["labels"], batch["loss_mask"])
-                (loss * count * scale).backward()
+                    loss, count = self.objective.loss(self.ddp, batch)
+                # The MoE balance loss (top-k router), averaged over the micro-batches.
+                aux = self.model.aux_loss / len(batches)
+                (loss * count * scale + aux).backward()
             loss_sum += float(loss.detach()) * int(count)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    train.grad_clip or float("inf"))
@@ -248,13 +293,13 @@ class Trainer:
             return None
         self.model.eval()
         total = count = 0.0
-        micro, eod = self.recipe.train.micro_batch, self.stream.eod_id
+        micro = self.recipe.train.micro_batch
         for step in range(self.recipe.train.eval_steps):
             rows = self.eval_samples.batch(step * micro, micro)
-            batch = {k: v.to(self.processes.device) for k, v in lm_batch(rows, eod).items()}
+            batch = self.objective.batch(rows, step * micro + np.arange(micro))
+            batch = {k: v.to(self.processes.device) for k, v in batch.items()}
             with self._autocast():
-                logits = self.model(batch["input_ids"])
-            loss, n = lm_loss(logits, batch["labels"], batch["loss_mask"])
+                loss, n = self.objective.loss(self.model, batch)
             total += float(loss) * int(n)
             count += int(n)
         self.model.train()
