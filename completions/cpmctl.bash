@@ -3,9 +3,10 @@
 _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for path $1
     case "$1" in
         '') subs='bench completion data model quickstart tokenizer train' opts='--debug --quiet -q --version --help -h' takes='' ;;
-        bench) subs='data speed' opts='--help -h' takes='' ;;
+        bench) subs='data speed train' opts='--help -h' takes='' ;;
         'bench data') subs='' opts='--workers --repeat --json --help -h' takes='--workers --repeat' ;;
         'bench speed') subs='' opts='--tokenizer -t --corpus --workers --repeat --json --help -h' takes='--tokenizer -t --corpus --workers --repeat' ;;
+        'bench train') subs='' opts='--recipe -r --set --steps --json --help -h' takes='--recipe -r --set --steps' ;;
         completion) subs='' opts='--help -h' takes='' ;;
         data) subs='build inspect tokenize' opts='--help -h' takes='' ;;
         'data build') subs='' opts='--output -o --text-field --format --split --min-chars --max-chars --min-cjk-ratio --max-symbol-ratio --max-repeated-line-ratio --max-repeated-ngram-ratio --repeated-ngram --blocklist --dedup --minhash-bands --minhash-rows --shingle --seed --shard-size --keep-rejected --no-keep-rejected --workers --force --json --help -h' takes='--output -o --text-field --format --split --min-chars --max-chars --min-cjk-ratio --max-symbol-ratio --max-repeated-line-ratio --max-repeated-ngram-ratio --repeated-ngram --blocklist --dedup --minhash-bands --minhash-rows --shingle --seed --shard-size --workers' ;;

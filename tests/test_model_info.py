@@ -45,3 +45,17 @@ def test_the_cli_starts_without_importing_torch():
     code = "import sys, cpmctl.cli; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_bench_train_compares_with_transformers(cli):
+    result = cli("bench", "train", "--recipe", "tiny-gpt", "--steps", "1", "--set",
+                 "model.vocab_size=256", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [(r["model"], r["precision"]) for r in report["runs"]] == [
+        ("cpmctl GPT", "fp32"), ("transformers GPT2LMHeadModel", "fp32"),
+        ("cpmctl GPT", "bf16"), ("transformers GPT2LMHeadModel", "bf16")]
+    assert all(r["tokens_per_s"] > 0 and r["gflop_per_s"] > 0 for r in report["runs"])
+    assert set(report["speedup"]) == {"fp32", "bf16"}
+    moe = cli("bench", "train", "--recipe", "tiny-moe")
+    assert moe.code == 2 and "needs a dense gpt recipe" in moe.err

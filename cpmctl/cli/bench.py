@@ -1,4 +1,4 @@
-"""`cpmctl bench ...`: data, speed."""
+"""`cpmctl bench ...`: data, speed, train."""
 
 from __future__ import annotations
 
@@ -101,5 +101,41 @@ def speed(
     scaling = report["scaling"]
     console.print(f"{scaling['workers']} workers: {scaling['speedup_vs_1']:.2f}x one worker")
     console.print(f"one worker: {report['overhead_vs_bare_loop']:.2f}x the bare loop's time")
+    for target, met in report["targets"].items():
+        console.print(f"target {target}: {'met' if met else 'NOT met'}")
+
+
+@app.command("train")
+def train(
+    recipe: str = typer.Option("tiny-gpt", "--recipe", "-r", help="A gpt recipe (file or name)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe value."),
+    steps: int = typer.Option(20, help="Timed steps per model and precision (after 3 warmup)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Training tokens/s of our GPT against transformers' GPT2LMHeadModel of the same shape,
+    batch and optimizer, in fp32 and bf16, with achieved FLOP/s.
+
+    Example: cpmctl bench train --recipe tiny-gpt --steps 30
+    """
+    # NOTE: imported here: torch takes seconds to import and the other benchmarks need none.
+    from cpmctl.bench.train import bench_training
+    from cpmctl.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    if steps < 1:
+        raise CpmError("--steps must be at least 1")
+    report = bench_training(loaded.model, loaded.train.micro_batch, loaded.data.seq_len, steps)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    shape = report["shape"]
+    rows = [(r["model"], r["precision"], f"{r['tokens_per_s']:,.0f}", f"{r['gflop_per_s']:.2f}")
+            for r in report["runs"]]
+    console = _print_table(
+        f"training {shape['layers']} layers x {shape['d_model']}, batch {report['batch']} x "
+        f"{report['seq_len']}, {report['threads']} threads",
+        ("model", "precision", "tokens/s", "GFLOP/s"), rows)
+    for precision, ratio in report["speedup"].items():
+        console.print(f"{precision}: cpmctl is {ratio:.2f}x transformers")
     for target, met in report["targets"].items():
         console.print(f"target {target}: {'met' if met else 'NOT met'}")
