@@ -245,3 +245,30 @@ def test_encdec_batch_custom_start_token_and_model_forward():
     assert logits.shape == (2, dec, 100) and n == int(b["loss_mask"].sum())
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# --- the fused LM head + loss used by training -----------------------------------------------
+
+def test_fused_lm_loss_equals_the_plain_loss_in_value_and_gradients():
+    from cpmctl.train.objectives import fused_lm_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 50, 16, requires_grad=True)
+    weight = (torch.randn(300, 16) * 0.1).requires_grad_()
+    labels = torch.randint(300, (3, 50))
+    mask = (torch.rand(3, 50) > 0.2).float()
+    plain, count = lm_loss(hidden @ weight.T, labels, mask)
+    plain.backward()
+    expected = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    fused, fused_count = fused_lm_loss(hidden, weight, labels, mask, chunk=32)
+    fused.backward()
+    assert int(fused_count) == int(count)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, expected[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight.grad, expected[1], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_lm_loss(hidden, weight, labels, mask)[0], plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fused_lm_loss(hidden.bfloat16(), weight, labels, mask)[0]
+    assert abs(float(low) - float(plain.detach())) < 0.05

@@ -94,11 +94,13 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """input_ids [batch, seq] (or inputs_embeds [batch, seq, d_model], e.g. with a soft
         prompt in it); attention_mask [batch, seq], 1 = real token, for left-padded batches:
         positions then count real tokens only (cumsum(mask) - 1, clamped at 0), so a row reads
-        as if it were unpadded."""
+        as if it were unpadded. `return_hidden` gives the final hidden states instead of the
+        logits, for a loss that applies the head itself (training's fused head + loss)."""
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         seq = x.shape[1]
         if seq > self.cfg.max_positions:
@@ -112,7 +114,8 @@ class GPT(nn.Module):
         mask = key_padding_mask(attention_mask)
         for block in self.blocks:
             x = block(x, mask)
-        return self.lm_head(self.ln_f(x))
+        hidden = self.ln_f(x)
+        return hidden if return_hidden else self.lm_head(hidden)
 
     @property
     def aux_loss(self) -> torch.Tensor:

@@ -43,7 +43,7 @@ from cpmctl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from cpmctl.train.objectives import encdec_batch, encdec_loss, lm_batch, lm_loss
+from cpmctl.train.objectives import encdec_batch, encdec_loss, fused_lm_loss, lm_batch
 from cpmctl.train.optim import build_optimizer
 from cpmctl.train.schedule import learning_rate
 
@@ -62,8 +62,10 @@ class CausalLM:
         return lm_batch(rows, self.eod_id)
 
     def loss(self, model, batch: dict):
-        logits = model(batch["input_ids"])
-        return lm_loss(logits, batch["labels"], batch["loss_mask"])
+        """The head and the loss fused (`fused_lm_loss`): the full logits never exist."""
+        hidden = model(batch["input_ids"], return_hidden=True)
+        head = getattr(model, "module", model).lm_head.weight  # through DDP's wrapper
+        return fused_lm_loss(hidden, head, batch["labels"], batch["loss_mask"])
 
 
 class SpanCorruption:
