@@ -271,4 +271,4 @@ def test_fused_lm_loss_equals_the_plain_loss_in_value_and_gradients():
         torch.testing.assert_close(fused_lm_loss(hidden, weight, labels, mask)[0], plain)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = fused_lm_loss(hidden.bfloat16(), weight, labels, mask)[0]
-    assert abs(float(low) - float(plain.detach())) < 0.05
+    assert abs(float(low.detach()) - float(plain.detach())) < 0.05
