@@ -15,7 +15,18 @@ from cpmctl.tokenizer.base import CONFIG_FILE, Tokenizer
 from cpmctl.tokenizer.cpm1 import MODEL_FILE, Cpm1Tokenizer, load_processor
 from cpmctl.tokenizer.cpm2 import VOCAB_FILE, Cpm2Tokenizer, read_vocab
 
-__all__ = ["Tokenizer", "load_tokenizer", "from_folder"]
+__all__ = ["Tokenizer", "load_tokenizer", "from_file", "from_folder"]
+
+
+#: The vocabulary file each scheme keeps beside tokenizer.json.
+SCHEME_FILES = {"cpm1": MODEL_FILE, "cpm2": VOCAB_FILE}
+
+
+def from_file(path: Path, scheme: str) -> Tokenizer:
+    """The tokenizer of a scheme's vocabulary file (spm.model for cpm1, vocab.txt for cpm2)."""
+    if scheme == "cpm1":
+        return Cpm1Tokenizer(load_processor(path), str(path))
+    return Cpm2Tokenizer(read_vocab(path), str(path))
 
 
 def from_folder(folder: Path) -> Tokenizer:
@@ -26,11 +37,9 @@ def from_folder(folder: Path) -> Tokenizer:
         scheme = config["scheme"]
     except (OSError, ValueError, KeyError) as exc:
         raise CpmError(f"{config_path}: unreadable tokenizer config ({exc})") from None
-    if scheme == "cpm1":
-        return Cpm1Tokenizer(load_processor(folder / MODEL_FILE), str(folder / MODEL_FILE))
-    if scheme == "cpm2":
-        return Cpm2Tokenizer(read_vocab(folder / VOCAB_FILE), str(folder / VOCAB_FILE))
-    raise CpmError(f"{config_path}: unknown scheme {scheme!r} (expected cpm1 or cpm2)")
+    if scheme not in SCHEME_FILES:
+        raise CpmError(f"{config_path}: unknown scheme {scheme!r} (expected cpm1 or cpm2)")
+    return from_file(folder / SCHEME_FILES[scheme], scheme)
 
 
 def load_tokenizer(path: str | Path, option: str = "--tokenizer") -> Tokenizer:

@@ -18,9 +18,10 @@ from cpmctl.console import RateMeter, info
 from cpmctl.data.parallel import ordered_map
 from cpmctl.data.shards import iter_documents
 from cpmctl.errors import CpmError
+from cpmctl.tokenizer import SCHEME_FILES, from_file
 from cpmctl.tokenizer.base import write_config
-from cpmctl.tokenizer.cpm1 import MODEL_FILE, Cpm1Tokenizer, load_processor, train_processor
-from cpmctl.tokenizer.cpm2 import VOCAB_FILE, Cpm2Tokenizer, build_vocab, count_words, read_vocab
+from cpmctl.tokenizer.cpm1 import MODEL_FILE, Cpm1Tokenizer, train_processor
+from cpmctl.tokenizer.cpm2 import VOCAB_FILE, build_vocab, count_words
 
 SCHEMES = ("cpm1", "cpm2")
 _BATCH_DOCS = 512
@@ -100,19 +101,13 @@ def build_tokenizer(corpus_path, out, *, scheme: str, vocab_size: int, sample_by
                 words.update(counts)
             tokens = build_vocab(words, vocab_size, sentinels, min_char_count)
             (writer.dir / VOCAB_FILE).write_text("".join(t + "\n" for t in tokens), "utf-8")
-        tokenizer = _load_written(writer.dir, scheme)
+        tokenizer = from_file(writer.dir / SCHEME_FILES[scheme], scheme)
         write_config(writer.dir, tokenizer, {"origin": "built"})
         writer.add_input("corpus", str(corpus_path), corpus.digest)
         info(f"{scheme} tokenizer: {tokenizer.vocab_size:,} tokens")
         return writer.commit({"scheme": scheme, "vocab_size": tokenizer.vocab_size,
                               "origin": "built", "corpus": corpus.digest,
                               "sample_bytes": sample_bytes})
-
-
-def _load_written(folder: Path, scheme: str):
-    if scheme == "cpm1":
-        return Cpm1Tokenizer(load_processor(folder / MODEL_FILE), MODEL_FILE)
-    return Cpm2Tokenizer(read_vocab(folder / VOCAB_FILE), VOCAB_FILE)
 
 
 def _looks_like_text(path: Path) -> bool:
@@ -131,12 +126,8 @@ def import_tokenizer(file, out, *, force: bool = False, command=None) -> Path:
         raise CpmError(f"{file}: no such file")
     scheme = "cpm2" if _looks_like_text(file) else "cpm1"
     with ArtifactWriter(out, "tokenizer", force=force, command=command) as writer:
-        target = writer.dir / (VOCAB_FILE if scheme == "cpm2" else MODEL_FILE)
-        shutil.copyfile(file, target)
-        if scheme == "cpm1":
-            tokenizer = Cpm1Tokenizer(load_processor(file), str(file))
-        else:
-            tokenizer = Cpm2Tokenizer(read_vocab(file), str(file))
+        shutil.copyfile(file, writer.dir / SCHEME_FILES[scheme])
+        tokenizer = from_file(file, scheme)
         write_config(writer.dir, tokenizer, {"origin": f"imported from {file.name}"})
         writer.add_input("vocabulary", str(file), digest_path(file))
         return writer.commit({"scheme": scheme, "vocab_size": tokenizer.vocab_size,
