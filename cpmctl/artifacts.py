@@ -166,6 +166,51 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_replaceable(out: Path, force: bool, marker: str = MANIFEST,
+                      what: str = "a cpmctl artifact") -> None:
+    """Refuse an existing `out` without `force`, and even with it a folder without `marker`.
+
+    NOTE: --force replaces what cpmctl wrote (artifacts, and for `model convert --to hf` a
+    folder with a config.json), never a folder of the user's own files.
+    """
+    if out.exists() and not force:
+        raise CpmError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not (out / marker).is_file():
+        raise CpmError(f"{out} exists and is not {what}; refusing to replace it")
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove the temporaries of `out` left by killed (SIGKILL) runs whose process is gone."""
+    for stale in out.parent.glob(glob.escape(f".{out.name}.tmp-") + "*"):
+        try:
+            pid = int(stale.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def temporary_sibling(out: Path) -> Path:
+    """A new hidden folder `.NAME.tmp-PID-RANDOM` beside `out` to build it in."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    folder = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    return folder
+
+
+def move_into_place(folder: Path, out: Path) -> None:
+    """Rename the finished `folder` to `out`. An existing `out` is renamed aside first and
+    removed after, so `out` is at every moment either the old folder or the new one."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, trash)
+        os.rename(folder, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(folder, out)
+
+
 class ArtifactWriter:
     """Build an artifact in a temporary sibling and move it into place on `commit`.
 
@@ -199,21 +244,13 @@ class ArtifactWriter:
         self.resumed = False
 
     def __enter__(self) -> ArtifactWriter:
-        if self.out.exists() and not self.force:
-            raise CpmError(f"{self.out} already exists; pass --force to replace it")
-        if self.out.exists() and not (self.out / MANIFEST).is_file():
-            # NOTE: --force replaces artifacts only, never a folder of the user's own files.
-            raise CpmError(
-                f"{self.out} exists and is not a cpmctl artifact; refusing to replace it"
-            )
-        parent = self.out.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temporaries()
+        check_replaceable(self.out, self.force)
         if self.resume_key is None:
-            self.dir = parent / f".{self.out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self.dir.mkdir()
+            self.dir = temporary_sibling(self.out)
             return self
-        self.dir = parent / f".{self.out.name}.partial"
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out)
+        self.dir = self.out.parent / f".{self.out.name}.partial"
         key_file = self.dir / self.RESUME_FILE
         if key_file.is_file() and key_file.read_text() == self.resume_key:
             self.resumed = True
@@ -222,16 +259,6 @@ class ArtifactWriter:
             self.dir.mkdir()
             key_file.write_text(self.resume_key)
         return self
-
-    def _remove_stale_temporaries(self) -> None:
-        """Remove temporaries left by killed (SIGKILL) runs whose process is gone."""
-        for stale in self.out.parent.glob(glob.escape(f".{self.out.name}.tmp-") + "*"):
-            try:
-                pid = int(stale.name.rsplit(".tmp-", 1)[1].split("-")[0])
-            except ValueError:
-                continue
-            if not _pid_alive(pid):
-                shutil.rmtree(stale, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed and self.dir is not None and self.resume_key is None:
@@ -244,13 +271,7 @@ class ArtifactWriter:
         """Hash the files, write the manifest last, and rename the directory into place."""
         assert self.dir is not None, "commit() outside the with block"
         _write_manifest(self.dir, self.kind, self.command, self.inputs, meta)
-        if self.out.exists():
-            trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, trash)
-            os.rename(self.dir, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self.dir, self.out)
+        move_into_place(self.dir, self.out)
         self.committed = True
         return self.out
 

@@ -167,7 +167,7 @@ class EngineConfig:
     """'torch' (one process or DDP under torchrun) or 'deepspeed' (ZeRO, offload; multi-node)."""
     zero_stage: int = 0
     """deepspeed: ZeRO stage 0-3 (1 partitions optimizer state, 2 also gradients, 3 also
-    parameters)."""
+    parameters); bf16 needs stage >= 1."""
     offload_optimizer: bool = False
     """deepspeed, zero_stage >= 1: keep the optimizer state and step in host memory."""
     activation_checkpointing: bool = False
@@ -696,6 +696,12 @@ def _validate(r: Recipe, origin: _Origin) -> None:
     if e.offload_optimizer and not (e.name == "deepspeed" and e.zero_stage >= 1):
         fail("engine.offload_optimizer needs engine.name deepspeed with engine.zero_stage >= 1",
              "engine.offload_optimizer", "engine.name", "engine.zero_stage")
+    if e.name == "deepspeed" and e.zero_stage == 0 and t.precision != "fp32":
+        # NOTE: DeepSpeed's stage-0 mixed-precision optimizer accumulates gradients in half
+        # precision and exposes no per-parameter view of its fp32 state to checkpoint.
+        fail(f"engine.zero_stage 0 with train.precision {t.precision!r}: DeepSpeed trains "
+             "half precision with ZeRO only; use engine.zero_stage >= 1 (or the torch engine)",
+             "engine.zero_stage", "train.precision")
 
     # [checkpoint], [inherit]
     at_least("checkpoint.every", r.checkpoint.every, 0)

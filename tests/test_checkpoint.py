@@ -217,7 +217,8 @@ def test_optimizer_round_trip_is_bitwise(tmp_path, name):
     opt = adamw(model)
     loss = train_steps(model, cfg, opt, 3, seed=5)
     state = {"step": 3, "consumed_samples": 6, "world_size": 1, "loss": loss}
-    ckpt = save_checkpoint(tmp_path / "run", 3, model, cfg, opt, state, keep=2)
+    ckpt = save_checkpoint(tmp_path / "run", 3, model.state_dict(), cfg, opt.state_dict(), state,
+                           keep=2)
     assert ckpt == tmp_path / "run" / "checkpoints" / "step-00000003"
     artifact = open_artifact(ckpt, expect="checkpoint")
     assert verify(artifact) == [] and artifact.meta == {"step": 3, "loss": loss}
@@ -269,7 +270,8 @@ def save_steps(run: Path, steps, keep: int):
     model, cfg = make("gpt")
     opt = adamw(model)
     for step in steps:
-        save_checkpoint(run, step, model, cfg, opt, {"step": step, "world_size": 1}, keep=keep)
+        save_checkpoint(run, step, model.state_dict(), cfg, opt.state_dict(),
+                        {"step": step, "world_size": 1}, keep=keep)
 
 
 def test_keep_and_latest(tmp_path):

@@ -16,6 +16,7 @@ from torch import nn
 
 from cpmctl.errors import CpmError
 from cpmctl.models import ModelConfig, MoeConfig, build_model, count_parameters
+from cpmctl.models.hf import hf_config, to_hf_state_dict
 from cpmctl.models.layers import GatedGeluFFN
 from cpmctl.models.moe import MoeFFN, balanced_assignment
 
@@ -58,23 +59,10 @@ def copy_into(hf: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 
 def hf_gpt2(model) -> nn.Module:
-    cfg = model.cfg
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.d_model,
-        n_layer=cfg.n_layers, n_head=cfg.n_heads, activation_function="gelu_new",
-        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0, attn_implementation="eager")).eval()
-    w = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.wpe.weight,
-         "transformer.ln_f.weight": model.ln_f.weight, "transformer.ln_f.bias": model.ln_f.bias}
-    for i, b in enumerate(model.blocks):
-        p = f"transformer.h.{i}."
-        for ours, theirs in ((b.ln_1, "ln_1"), (b.ln_2, "ln_2")):
-            w[p + theirs + ".weight"], w[p + theirs + ".bias"] = ours.weight, ours.bias
-        # GPT-2's Conv1D stores [in, out]: the transpose of a Linear weight
-        for ours, theirs in ((b.attn.c_attn, "attn.c_attn"), (b.attn.c_proj, "attn.c_proj"),
-                             (b.mlp.c_fc, "mlp.c_fc"), (b.mlp.c_proj, "mlp.c_proj")):
-            w[p + theirs + ".weight"], w[p + theirs + ".bias"] = ours.weight.t(), ours.bias
-    copy_into(hf, w)
+    """GPT2LMHeadModel holding `model`'s weights, through `cpmctl model convert`'s mapping."""
+    config = transformers.GPT2Config(**hf_config(model.cfg), attn_implementation="eager")
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    copy_into(hf, to_hf_state_dict(model.state_dict()))
     assert hf.lm_head.weight is hf.transformer.wte.weight
     return hf
 

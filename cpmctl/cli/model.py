@@ -1,15 +1,24 @@
-"""`cpmctl model ...`: info."""
+"""`cpmctl model ...`: info, convert."""
 
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Models: info.", no_args_is_help=True)
+from cpmctl.errors import CpmError
+
+app = typer.Typer(help="Models: info, convert.", no_args_is_help=True)
+
+
+class ForeignFormat(StrEnum):
+    """Checkpoint formats `model convert` reads and writes."""
+
+    hf = "hf"  # a Hugging Face transformers GPT-2 folder (CPM-Generate's published form)
 
 
 def _human(count: int) -> str:
@@ -59,3 +68,45 @@ def info(
     for key, value in summary.items():
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     Console(highlight=False).print(table)
+
+
+@app.command("convert")
+def convert(
+    source: Path = typer.Argument(
+        ..., help="With --from hf: a Hugging Face GPT-2 folder; with --to hf: a model artifact."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="The model or folder to write."),
+    from_format: ForeignFormat = typer.Option(
+        None, "--from", help="Read SOURCE in this format into a cpmctl model."
+    ),
+    to_format: ForeignFormat = typer.Option(
+        None, "--to", help="Write the cpmctl model SOURCE in this format."
+    ),
+    tokenizer: Path = typer.Option(
+        None, "--tokenizer", "-t",
+        help="--from hf: a tokenizer artifact or CPM-1's chinese_vocab.model (default: "
+        "tokenizer/, chinese_vocab.model or spiece.model in SOURCE).",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUTPUT."),
+) -> None:
+    """Convert a CPM-1 model between Hugging Face's GPT-2 format and a cpmctl model.
+
+    --from hf: config.json + model.safetensors or pytorch_model.bin (or shards).
+
+    A .bin is read only with torch.load(weights_only=True): tensors, no code.
+
+    --to hf: config.json + model.safetensors + tokenizer/, for GPT2LMHeadModel.
+
+    Example: cpmctl model convert --from hf CPM-Generate/ -o work/cpm1
+    """
+    if (from_format is None) == (to_format is None):
+        raise CpmError("model convert: give one of --from hf or --to hf")
+    if to_format and tokenizer is not None:
+        raise CpmError("--tokenizer goes with --from hf; --to hf takes the model's own tokenizer")
+    # NOTE: imported here: torch is slow to import (see info).
+    from cpmctl.models.convert import convert_from_hf, convert_to_hf
+
+    if from_format:
+        print(convert_from_hf(source, output, tokenizer=tokenizer, force=force))
+    else:
+        print(convert_to_hf(source, output, force=force))

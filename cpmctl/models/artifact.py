@@ -1,6 +1,6 @@
 """Model weights on disk (ARCHITECTURE §2): `model.json` + `model.safetensors` (+ `tokenizer/`).
 
-    write_model_files(folder, model, cfg)                  # the two files, into any folder
+    write_model_files(folder, model.state_dict(), cfg)     # the two files, into any folder
     save_model(out, model, cfg, tokenizer_dir, meta={})    # a whole model artifact
     model, cfg = load_model(path)                          # a model or a checkpoint
 
@@ -63,11 +63,13 @@ def split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return stored, tied
 
 
-def write_model_files(folder: str | Path, model: nn.Module, cfg: ModelConfig) -> None:
-    """Write `model.json` and `model.safetensors` for `model` into `folder`."""
+def write_model_files(folder: str | Path, state: dict[str, torch.Tensor],
+                      cfg: ModelConfig) -> None:
+    """Write `model.json` and `model.safetensors` for a model's `state_dict()` into `folder`
+    (tied weights are views of one tensor there, and are stored once)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stored, tied = split_tied(model.state_dict())
+    stored, tied = split_tied(state)
     config = {"format": MODEL_JSON_FORMAT, **dataclasses.asdict(cfg), "tied_weights": tied}
     (folder / MODEL_JSON).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_file(stored, str(folder / WEIGHTS), metadata={"format": "pt"})
@@ -81,17 +83,21 @@ def parameter_count(model: nn.Module) -> int:
 
 def save_model(out: str | Path, model: nn.Module, cfg: ModelConfig,
                tokenizer_dir: Path | None, *, meta: dict, force: bool = False,
-               command=None) -> Path:
+               command=None, inputs: list[tuple[str, str, str]] | None = None) -> Path:
     """Write a model artifact at `out`; `tokenizer_dir` (a tokenizer artifact) is copied into
-    `tokenizer/`. The manifest's meta is `meta` plus `parameters` and `arch`."""
+    `tokenizer/`. The manifest's meta is `meta` plus `parameters` and `arch`; its inputs are
+    `inputs` ((role, path, digest) triples), by default the tokenizer."""
     tokenizer = None
     if tokenizer_dir is not None:
         tokenizer = open_artifact(tokenizer_dir, expect="tokenizer", option="the tokenizer")
+        if inputs is None:
+            inputs = [("tokenizer", str(tokenizer_dir), tokenizer.digest)]
     with ArtifactWriter(out, "model", force=force, command=command) as writer:
-        write_model_files(writer.dir, model, cfg)
+        write_model_files(writer.dir, model.state_dict(), cfg)
         if tokenizer is not None:
             shutil.copytree(tokenizer.path, writer.dir / TOKENIZER_DIR)
-            writer.add_input("tokenizer", str(tokenizer_dir), tokenizer.digest)
+        for role, path, digest in inputs or []:
+            writer.add_input(role, path, digest)
         return writer.commit(meta={**meta, "parameters": parameter_count(model),
                                    "arch": cfg.arch})
 
@@ -149,7 +155,8 @@ def read_model_json(folder: str | Path) -> tuple[ModelConfig, dict[str, str]]:
     return ModelConfig(**kwargs), tied
 
 
-def _names(names: set[str]) -> str:
+def summarize_names(names: set[str]) -> str:
+    """The first few names, sorted, and how many more: for one-line errors."""
     shown = sorted(names)[:_SHOW]
     more = f" and {len(names) - _SHOW} more" if len(names) > _SHOW else ""
     return ", ".join(shown) + more
@@ -175,9 +182,10 @@ def load_weights(folder: str | Path, model: nn.Module, tied: dict[str, str]) -> 
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing tensor(s): {_names(missing)}")
+            parts.append(f"{len(missing)} missing tensor(s): {summarize_names(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected tensor(s): "
+                         f"{summarize_names(unexpected)}")
         raise CpmError(f"{path} does not match its model.json: " + "; ".join(parts))
     try:
         model.load_state_dict(tensors, strict=True)

@@ -8,7 +8,7 @@
                                         RNG states (rng_state()), ...
     RUN/checkpoints/latest              the newest folder's name (a hint for people and tools)
 
-    save_checkpoint(run, step, model, cfg, optimizer, state, keep=2)
+    save_checkpoint(run, step, model.state_dict(), cfg, optimizer.state_dict(), state, keep=2)
     path = find_resumable(run)          # newest checkpoint that opens and verifies clean
     state = load_checkpoint(path, model, optimizer)
     check_world_size(state, world_size, path)
@@ -148,9 +148,8 @@ def _decode(value, tensors: dict[str, torch.Tensor], where: Path):
     return value
 
 
-def write_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
-    """`optimizer/state.safetensors` + `optimizer/state.json` for `optimizer.state_dict()`."""
-    sd = optimizer.state_dict()
+def write_optimizer(folder: Path, sd: dict) -> None:
+    """`optimizer/state.safetensors` + `optimizer/state.json` for an `optimizer.state_dict()`."""
     tensors: dict[str, torch.Tensor] = {}
     state = {str(index): _encode(values, str(index), tensors)
              for index, values in sd["state"].items()}
@@ -207,10 +206,12 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, cfg: ModelConfig,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict, keep: int) -> Path:
-    """Write `run_dir/checkpoints/step-NNNNNNNN/` atomically, point `latest` at it and delete
-    all but the newest `keep` checkpoints (keep < 1 keeps them all). Returns the folder."""
+def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Tensor],
+                    cfg: ModelConfig, optimizer_state: dict, trainer_state: dict,
+                    keep: int) -> Path:
+    """Write `run_dir/checkpoints/step-NNNNNNNN/` atomically from a model's `state_dict()`
+    and an optimizer's, point `latest` at it and delete all but the newest `keep` checkpoints
+    (keep < 1 keeps them all). Returns the folder."""
     checkpoints = Path(run_dir) / CHECKPOINTS
     name = step_dir_name(step)
     state_json = json.dumps(trainer_state, indent=2) + "\n"  # fails early if not JSON-safe
@@ -218,8 +219,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, cfg: Model
     if trainer_state.get("loss") is not None:
         meta["loss"] = trainer_state["loss"]
     with ArtifactWriter(checkpoints / name, "checkpoint", force=True) as writer:
-        write_model_files(writer.dir, model, cfg)
-        write_optimizer(writer.dir, optimizer)
+        write_model_files(writer.dir, weights, cfg)
+        write_optimizer(writer.dir, optimizer_state)
         (writer.dir / TRAINER_STATE).write_text(state_json, encoding="utf-8")
         out = writer.commit(meta=meta)
     _write_latest(checkpoints, name)

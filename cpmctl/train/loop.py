@@ -2,6 +2,7 @@
 
     cpmctl train --recipe recipes/tiny-gpt.toml                    # one process
     torchrun --nproc_per_node 2 -m cpmctl train --recipe R.toml    # DDP (gloo on CPU, NCCL on GPU)
+    [engine] name = "deepspeed"                                    # ZeRO (deepspeed_engine.py)
     cpmctl train --recipe R.toml --resume                          # continue a killed run
 
 The data order is one integer, the number of samples consumed, so a resumed run continues
@@ -16,11 +17,8 @@ gradient averaging divides out), so one process and N processes compute the same
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from cpmctl.artifacts import MANIFEST, finalize_in_place, open_artifact
+from cpmctl import console
 from cpmctl.console import info, warn
 from cpmctl.data.samples import PackedSamples, open_dataset
 from cpmctl.errors import CpmError
@@ -38,13 +37,12 @@ from cpmctl.tokenizer import from_folder
 from cpmctl.train.checkpoint import (
     check_world_size,
     find_resumable,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from cpmctl.train.objectives import encdec_batch, encdec_loss, fused_lm_loss, lm_batch
-from cpmctl.train.optim import build_optimizer
+from cpmctl.train.engines import build_engine, start_processes
+from cpmctl.train.objectives import encdec_batch, encdec_loss, fused_lm_loss, lm_batch, lm_loss
 from cpmctl.train.schedule import learning_rate
 
 RECIPE_FILE = "recipe.toml"
@@ -52,19 +50,24 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class CausalLM:
-    """CPM-1: next-token prediction over packed windows; no loss where the input is <eod>."""
+    """CPM-1: next-token prediction over packed windows; no loss where the input is <eod>.
 
-    def __init__(self, data, eod_id: int):
+    `fused`: the head and the loss fused (`fused_lm_loss`), so the full logits never exist.
+    It reads the head's weight outside the model's forward, which ZeRO-3 (weights gathered
+    per module, inside its forward) does not allow: there the model applies its head."""
+
+    def __init__(self, data, eod_id: int, fused: bool = True):
         self.window = data.seq_len
-        self.eod_id = eod_id
+        self.eod_id, self.fused = eod_id, fused
 
     def batch(self, rows: np.ndarray, indices: np.ndarray) -> dict:
         return lm_batch(rows, self.eod_id)
 
     def loss(self, model, batch: dict):
-        """The head and the loss fused (`fused_lm_loss`): the full logits never exist."""
+        if not self.fused:
+            return lm_loss(model(batch["input_ids"]), batch["labels"], batch["loss_mask"])
         hidden = model(batch["input_ids"], return_hidden=True)
-        head = getattr(model, "module", model).lm_head.weight  # through DDP's wrapper
+        head = getattr(model, "module", model).lm_head.weight  # through DDP's/DeepSpeed's
         return fused_lm_loss(hidden, head, batch["labels"], batch["loss_mask"])
 
 
@@ -93,37 +96,7 @@ class SpanCorruption:
         return encdec_loss(logits, batch["labels"], batch["loss_mask"])
 
 
-@dataclass
-class Processes:
-    """Where this process stands among the training processes."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def start_processes() -> Processes:
-    """One process, or this one of a `torchrun` group (its WORLD_SIZE/RANK variables)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world_size == 1:
-        return Processes(device=torch.device("cuda" if cuda else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return Processes(dist.get_rank(), world_size, device)
-
-
-def _check_recipe(recipe: Recipe, processes: Processes) -> None:
-    if recipe.engine.name != "torch":
-        raise CpmError(f"engine.name = {recipe.engine.name!r}: only the 'torch' engine is "
-                       "available in this version (DeepSpeed support is planned)")
+def _check_recipe(recipe: Recipe, processes) -> None:
     if recipe.train.precision == "fp16" and processes.device.type != "cuda":
         raise CpmError("train.precision = 'fp16' needs a CUDA device (loss scaling); "
                        "use 'bf16' or 'fp32' on CPU")
@@ -136,7 +109,9 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, *, resume: bool, force: bool = False):
         self.recipe, self.resume = recipe, resume
-        self.processes = start_processes()
+        self.processes = start_processes(recipe.engine.name)
+        if not self.processes.main:
+            console.settings.quiet = True  # one progress line per step, not one per process
         _check_recipe(recipe, self.processes)
         self.run_dir = recipe.run.output_dir
         data, train = recipe.data, recipe.train
@@ -146,23 +121,23 @@ class Trainer:
             raise CpmError(f"model.vocab_size {recipe.model.vocab_size} is smaller than the "
                            f"tokenizer of {data.dataset} ({dataset_meta['vocab_size']} tokens)")
         tokenizer = from_folder(Path(data.dataset) / "tokenizer")
-        self.objective = (CausalLM(data, self.stream.eod_id) if recipe.model.arch == "gpt"
+        zero3 = recipe.engine.name == "deepspeed" and recipe.engine.zero_stage == 3
+        self.objective = (CausalLM(data, self.stream.eod_id, fused=not zero3)
+                          if recipe.model.arch == "gpt"
                           else SpanCorruption(data, recipe.run.seed, tokenizer))
         self.samples = PackedSamples(self.stream, self.objective.window, recipe.run.seed)
         self.eval_samples = self._eval_samples()
         self.accumulation = train.accumulation(data.seq_len, self.processes.world_size)
         self.global_batch = train.batch_samples(data.seq_len, self.processes.world_size)
         torch.manual_seed(recipe.run.seed)
-        self.model = self._initial_model().to(self.processes.device)
-        self.optimizer = build_optimizer(self.model, train)
+        self.engine = build_engine(self._initial_model(), recipe, self.processes)
+        self.model = self.engine.module
         self.step, self.consumed = 0, 0
         # NOTE: only now, with everything that can fail checked, is the run folder touched:
         # a failed start must not leave a folder that blocks the corrected retry.
         self._prepare_run_dir(force)
         if resume:
             self._restore()
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model)
-                    if self.processes.world_size > 1 else self.model)
 
     # --- set-up -----------------------------------------------------------------------
 
@@ -215,12 +190,18 @@ class Trainer:
         if checkpoint is None:
             info(f"{self.run_dir}: no checkpoint yet; starting from step 0")
             return
-        state = load_checkpoint(checkpoint, self.model, self.optimizer)
+        state = self.engine.restore(checkpoint, self._probe_loss)
         check_world_size(state, self.processes.world_size, checkpoint)
         self.step, self.consumed = state["step"], state["consumed_samples"]
         set_rng_state(state["rng"])
         self._truncate_metrics(self.step)
         info(f"resuming {self.run_dir} from {checkpoint.name} (step {self.step})")
+
+    def _probe_loss(self) -> torch.Tensor:
+        """The loss of the next micro-batch (an engine's restore may need one real step)."""
+        batch = {k: v.to(self.processes.device) for k, v in self._micro_batches()[0].items()}
+        with self.engine.autocast():
+            return self.objective.loss(self.engine.forward_module, batch)[0]
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop the lines a killed run logged after its last checkpoint."""
@@ -235,13 +216,6 @@ class Trainer:
             dist.barrier()
 
     # --- the loop ---------------------------------------------------------------------
-
-    def _autocast(self):
-        precision, device = self.recipe.train.precision, self.processes.device.type
-        if precision == "fp32":
-            return torch.autocast(device, enabled=False)
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device, dtype=dtype)
 
     def _micro_batches(self) -> list[dict]:
         """This process's share of the next global batch, cut into micro-batches."""
@@ -262,27 +236,21 @@ class Trainer:
         """One optimizer step over one global batch; returns its metrics."""
         train, device = self.recipe.train, self.processes.device
         lr = learning_rate(self.step, train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.engine.set_lr(lr)
         batches = self._micro_batches()
         tokens = self._all_sum(float(sum(int(b["loss_mask"].sum()) for b in batches)))
         scale = self.processes.world_size / tokens
         loss_sum = 0.0
         for index, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
-            last = index == len(batches) - 1
-            sync = self.ddp.no_sync() if self.ddp is not self.model and not last else nullcontext()
-            with sync:
-                with self._autocast():
-                    loss, count = self.objective.loss(self.ddp, batch)
+            with self.engine.accumulate(last=index == len(batches) - 1):
+                with self.engine.autocast():
+                    loss, count = self.objective.loss(self.engine.forward_module, batch)
                 # The MoE balance loss (top-k router), averaged over the micro-batches.
                 aux = self.model.aux_loss / len(batches)
-                (loss * count * scale + aux).backward()
+                self.engine.backward(loss * count * scale + aux)
             loss_sum += float(loss.detach()) * int(count)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   train.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.finish_step()
         self.step += 1
         self.consumed += self.global_batch
         return {"step": self.step, "loss": self._all_sum(loss_sum) / tokens, "lr": lr,
@@ -300,7 +268,7 @@ class Trainer:
             rows = self.eval_samples.batch(step * micro, micro)
             batch = self.objective.batch(rows, step * micro + np.arange(micro))
             batch = {k: v.to(self.processes.device) for k, v in batch.items()}
-            with self._autocast():
+            with self.engine.autocast():
                 loss, n = self.objective.loss(self.model, batch)
             total += float(loss) * int(n)
             count += int(n)
@@ -313,11 +281,13 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _checkpoint(self, loss: float) -> None:
+        weights, optimizer_state = self.engine.state_dicts()  # collective under ZeRO
         if self.processes.main:
             state = {"step": self.step, "consumed_samples": self.consumed,
-                     "world_size": self.processes.world_size, "rng": rng_state(), "loss": loss}
-            save_checkpoint(self.run_dir, self.step, self.model, self.recipe.model,
-                            self.optimizer, state, keep=self.recipe.checkpoint.keep)
+                     "world_size": self.processes.world_size, "rng": rng_state(), "loss": loss,
+                     "engine": self.recipe.engine.name}
+            save_checkpoint(self.run_dir, self.step, weights, self.recipe.model,
+                            optimizer_state, state, keep=self.recipe.checkpoint.keep)
         self._barrier()
 
     def run(self) -> Path:
@@ -346,9 +316,10 @@ class Trainer:
 
     def _finish(self) -> Path:
         final = self.run_dir / "final"
+        model = self.engine.final_model()  # collective under ZeRO
         if self.processes.main:
             tokenizer = Path(self.recipe.data.dataset) / "tokenizer"
-            save_model(final, self.model, self.recipe.model,
+            save_model(final, model, self.recipe.model,
                        tokenizer if tokenizer.is_dir() else None,
                        meta={"steps": self.step, "recipe": recipe_digest(self.recipe)},
                        force=True)
@@ -373,7 +344,7 @@ def train(recipe_path: str, overrides: list[str], *, resume: bool, force: bool) 
     try:
         return trainer.run()
     finally:
-        if trainer.processes.world_size > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
