@@ -204,7 +204,8 @@ def torchrun(tmp_path: Path, recipe_path: Path, *args: str, procs: int = 2) -> s
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-         "--master_port", str(free_port()), "-m", "cpmctl", "-q", "train", "--recipe", str(recipe_path),
+         "--master_port", str(free_port()), "-m", "cpmctl", "-q", "train",
+         "--recipe", str(recipe_path),
          *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cpmctl.artifacts import MANIFEST, finalize_in_place, open_artifact
 from cpmctl import console
+from cpmctl.artifacts import MANIFEST, finalize_in_place, open_artifact
 from cpmctl.console import info, warn
 from cpmctl.data.samples import PackedSamples, open_dataset
 from cpmctl.errors import CpmError
