@@ -173,7 +173,8 @@ class EngineConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, ~1/3 more compute."""
     compile: bool = False
-    """Run the model through torch.compile."""
+    """torch engine: run the model through torch.compile (the first steps compile; needs a C++
+    compiler on CPU)."""
 
 
 @dataclass
@@ -696,6 +697,9 @@ def _validate(r: Recipe, origin: _Origin) -> None:
     if e.offload_optimizer and not (e.name == "deepspeed" and e.zero_stage >= 1):
         fail("engine.offload_optimizer needs engine.name deepspeed with engine.zero_stage >= 1",
              "engine.offload_optimizer", "engine.name", "engine.zero_stage")
+    if e.name == "deepspeed" and e.compile:
+        fail("engine.compile works with engine.name torch only", "engine.compile",
+             "engine.name")
     if e.name == "deepspeed" and e.zero_stage == 0 and t.precision != "fp32":
         # NOTE: DeepSpeed's stage-0 mixed-precision optimizer accumulates gradients in half
         # precision and exposes no per-parameter view of its fp32 state to checkpoint.

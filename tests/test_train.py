@@ -261,3 +261,14 @@ def test_deepspeed_zero3_bf16_offload_two_processes_resume_after_sigkill(dataset
         [(r["step"], r["loss"], r["grad_norm"], r.get("valid_loss")) for r in b]
     assert (tmp_path / "run-a/final/model.safetensors").read_bytes() == \
         (tmp_path / "run-b/final/model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_engine_compile_trains_what_the_plain_model_does(dataset, tmp_path, cli):
+    plain = cli("train", "--recipe", recipe(tmp_path, dataset, "p", steps=3, eval_every=0),
+                "--set", "model.dropout=0.0")
+    compiled = cli("train", "--recipe", recipe(tmp_path, dataset, "c", steps=3, eval_every=0),
+                   "--set", "model.dropout=0.0", "--set", "engine.compile=true")
+    assert plain.code == 0 and compiled.code == 0, compiled.err
+    for x, y in zip(metrics(tmp_path / "run-p"), metrics(tmp_path / "run-c"), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)

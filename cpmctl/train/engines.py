@@ -85,16 +85,21 @@ class TorchEngine:
         self.processes, self.train = processes, recipe.train
         self.module = model.to(processes.device)
         self.optimizer = build_optimizer(self.module, recipe.train)
-        self._ddp: nn.Module | None = None
+        self._compile = recipe.engine.compile
+        self._forward: nn.Module | None = None
 
     @property
     def forward_module(self) -> nn.Module:
-        """What the objective calls in training (DDP's wrapper when distributed)."""
-        if self.processes.world_size == 1:
-            return self.module
-        if self._ddp is None:
-            self._ddp = nn.parallel.DistributedDataParallel(self.module)
-        return self._ddp
+        """What the objective calls in training: the model, through torch.compile when the
+        recipe asks, inside DDP when distributed. Built on first use (after a restore, before
+        DDP's first broadcast); checkpoints and evaluation use `module`, which has the plain
+        parameter names."""
+        if self._forward is None:
+            forward = torch.compile(self.module) if self._compile else self.module
+            if self.processes.world_size > 1:
+                forward = nn.parallel.DistributedDataParallel(forward)
+            self._forward = forward
+        return self._forward
 
     def autocast(self):
         precision, device = self.train.precision, self.processes.device.type
@@ -110,7 +115,8 @@ class TorchEngine:
     def accumulate(self, last: bool):
         """Around a micro-batch's forward and backward: DDP all-reduces only on the last."""
         module = self.forward_module
-        return nullcontext() if last or module is self.module else module.no_sync()
+        distributed = isinstance(module, nn.parallel.DistributedDataParallel)
+        return module.no_sync() if distributed and not last else nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
