@@ -2,17 +2,19 @@
 
 _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for path $1
     case "$1" in
-        '') subs='bench completion data model quickstart tokenizer train' opts='--debug --quiet -q --version --help -h' takes='' ;;
+        '') subs='bench completion data generate model quickstart tokenizer train' opts='--debug --quiet -q --version --help -h' takes='' ;;
         bench) subs='data speed train' opts='--help -h' takes='' ;;
         'bench data') subs='' opts='--workers --repeat --json --help -h' takes='--workers --repeat' ;;
-        'bench speed') subs='' opts='--tokenizer -t --corpus --workers --repeat --json --help -h' takes='--tokenizer -t --corpus --workers --repeat' ;;
+        'bench speed') subs='' opts='--tokenizer -t --corpus --workers --model -m --recipe -r --precisions --batches --prompt-tokens --new-tokens --device --threads --baseline --no-baseline --repeat --json --help -h' takes='--tokenizer -t --corpus --workers --model -m --recipe -r --precisions --batches --prompt-tokens --new-tokens --device --threads --repeat' ;;
         'bench train') subs='' opts='--recipe -r --set --steps --json --help -h' takes='--recipe -r --set --steps' ;;
         completion) subs='' opts='--help -h' takes='' ;;
         data) subs='build inspect tokenize' opts='--help -h' takes='' ;;
         'data build') subs='' opts='--output -o --text-field --format --split --min-chars --max-chars --min-cjk-ratio --max-symbol-ratio --max-repeated-line-ratio --max-repeated-ngram-ratio --repeated-ngram --blocklist --dedup --minhash-bands --minhash-rows --shingle --seed --shard-size --keep-rejected --no-keep-rejected --workers --force --json --help -h' takes='--output -o --text-field --format --split --min-chars --max-chars --min-cjk-ratio --max-symbol-ratio --max-repeated-line-ratio --max-repeated-ngram-ratio --repeated-ngram --blocklist --dedup --minhash-bands --minhash-rows --shingle --seed --shard-size --workers' ;;
         'data inspect') subs='' opts='--json --sample --seed --rejected --no-rejected --verify --help -h' takes='--sample --seed' ;;
         'data tokenize') subs='' opts='--tokenizer -t --output -o --valid-fraction --seed --workers --force --help -h' takes='--tokenizer -t --output -o --valid-fraction --seed --workers' ;;
-        model) subs=info opts='--help -h' takes='' ;;
+        generate) subs='' opts='--model -m --jsonl --json --stream --max-new-tokens --temperature --top-k --top-p --repetition-penalty --stop --seed --batch-size --dtype --quantize --device --threads --help -h' takes='--model -m --max-new-tokens --temperature --top-k --top-p --repetition-penalty --stop --seed --batch-size --dtype --quantize --device --threads' ;;
+        model) subs='convert info' opts='--help -h' takes='' ;;
+        'model convert') subs='' opts='--output -o --from --to --tokenizer -t --force --help -h' takes='--output -o --from --to --tokenizer -t' ;;
         'model info') subs='' opts='--recipe -r --set --json --help -h' takes='--recipe -r --set' ;;
         quickstart) subs='' opts='--workdir -w --workers --help -h' takes='--workdir -w --workers' ;;
         tokenizer) subs='build decode encode import' opts='--help -h' takes='' ;;
@@ -27,6 +29,8 @@ _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for pa
 
 _cpmctl_choices() {  # sets choices for "path|option"
     case "$1" in
+        'model convert|--from') choices=hf ;;
+        'model convert|--to') choices=hf ;;
         *) choices='' ;;
     esac
 }

@@ -15,7 +15,7 @@ import traceback
 import typer
 
 from cpmctl import __version__, artifacts
-from cpmctl.cli import bench, completion, data, model, quickstart, tokenizer, train
+from cpmctl.cli import bench, completion, data, generate, model, quickstart, tokenizer, train
 from cpmctl.console import settings, stderr
 from cpmctl.errors import CpmError
 
@@ -32,6 +32,7 @@ app.add_typer(tokenizer.app, name="tokenizer")
 app.add_typer(model.app, name="model")
 app.add_typer(bench.app, name="bench")
 app.command("train")(train.train)
+app.command("generate")(generate.generate)
 app.command("quickstart")(quickstart.quickstart)
 app.command("completion")(completion.completion)
 

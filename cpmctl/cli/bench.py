@@ -74,21 +74,49 @@ def data(
 
 @app.command("speed")
 def speed(
-    tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A tokenizer artifact."),
-    corpus: Path = typer.Option(..., "--corpus", help="A corpus artifact to tokenize."),
-    workers: str = typer.Option("1,2", help="Comma-separated worker counts (1 is needed)."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", "-t", help="A tokenizer artifact."),
+    corpus: Path = typer.Option(None, "--corpus", help="A corpus artifact to tokenize."),
+    workers: str = typer.Option("1,2", help="Tokenizer: comma-separated worker counts (1 is "
+                                "needed)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Generation: a model artifact."),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="Generation: random weights of a "
+                               "recipe's shape (file or name, e.g. cpm1-small)."),
+    precisions: str = typer.Option("fp32,bf16,int8", "--precisions",
+                                   help="Generation: fp32, bf16, int8 (comma-separated)."),
+    batches: str = typer.Option("1,8", "--batches", help="Generation: batch sizes."),
+    prompt_tokens: int = typer.Option(32, help="Generation: prompt length in tokens."),
+    new_tokens: int = typer.Option(128, help="Generation: new tokens per prompt."),
+    device: str = typer.Option("cpu", help="Generation: cpu or cuda."),
+    threads: int = typer.Option(None, help="Generation: torch threads (default: all cores)."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+                                  help="Generation: also time transformers' GPT-2 generate."),
     repeat: int = typer.Option(1, help="Runs per setting; the fastest counts."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Tokenizer throughput: data tokenize on 1 and N workers against the bare loop.
+    """Speed against a baseline. With --tokenizer and --corpus: data tokenize on 1 and N
+    workers against the bare jieba + SentencePiece loop. With --model (or --recipe): generation
+    prefill and decode tokens/s, peak memory and effective GB/s for fp32, bf16 and int8 at
+    batch 1 and 8, against transformers' generate on the same weights and the machine's
+    memory bandwidth.
 
-    Example: cpmctl bench speed --tokenizer work/tokenizer --corpus work/corpus --repeat 3
+    Example: cpmctl bench speed --recipe cpm1-small --batches 1
     """
+    if repeat < 1:
+        raise CpmError("--repeat must be at least 1")
+    if (model or recipe) and (tokenizer or corpus):
+        raise CpmError("--model/--recipe (generation) and --tokenizer/--corpus (tokenizer) "
+                       "are two benchmarks: run them separately")
+    if model or recipe:
+        if model and recipe:
+            raise CpmError("--model and --recipe: give one")
+        _speed_generation(str(model) if model else None, recipe, precisions, batches,
+                          prompt_tokens, new_tokens, repeat, device, threads, baseline, as_json)
+        return
+    if not (tokenizer and corpus):
+        raise CpmError("bench speed needs --tokenizer and --corpus, or --model / --recipe")
     counts = _worker_counts(workers)
     if counts[0] != 1:
         raise CpmError("--workers must include 1: the other counts are compared with it")
-    if repeat < 1:
-        raise CpmError("--repeat must be at least 1")
     report = bench_tokenizer(tokenizer, corpus, counts, repeat)
     if as_json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
@@ -103,6 +131,45 @@ def speed(
     console.print(f"one worker: {report['overhead_vs_bare_loop']:.2f}x the bare loop's time")
     for target, met in report["targets"].items():
         console.print(f"target {target}: {'met' if met else 'NOT met'}")
+
+
+def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tokens, repeat,
+                      device, threads, baseline, as_json) -> None:
+    # NOTE: imported here: torch takes seconds to import and `import cpmctl.cli` stays free of it.
+    from cpmctl.bench.generation import PRECISIONS, bench_generation
+    from cpmctl.console import info
+
+    chosen = [p.strip() for p in precisions.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in PRECISIONS]
+    if unknown or not chosen:
+        raise CpmError(f"--precisions: expected some of {', '.join(PRECISIONS)}, "
+                       f"got {precisions!r}")
+    sizes = _worker_counts(batches)  # the same parsing: positive integers
+    if prompt_tokens < 1 or new_tokens < 1:
+        raise CpmError("--prompt-tokens and --new-tokens must be at least 1")
+    report = bench_generation(model=model, recipe=recipe, precisions=chosen, batches=sizes,
+                              prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                              repeat=repeat, device=device, threads=threads,
+                              baseline=baseline, progress=lambda what: info(f"timing {what}"))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    rows = [("hf" if r["impl"] == "transformers" else r["impl"], r["precision"], r["batch"],
+             f"{r['prefill_tok_s']:,.0f}",
+             f"{r['decode_tok_s']:,.1f}", f"{r['weights_mb']:,.0f}", f"{r['peak_mb']:,.0f}",
+             f"{r['effective_gb_s']:.2f}") for r in report["runs"]]
+    console = _print_table(
+        f"{report['model']}: {report['prompt_tokens']}-token prompts, {report['new_tokens']} "
+        f"new tokens, {report['device']}, {report['threads']} threads",
+        ("impl", "dtype", "batch", "prefill/s", "decode/s", "weights MB", "peak MB", "GB/s"),
+        rows)
+    console.print("hf: transformers' GPT2LMHeadModel.generate on the same weights; "
+                  "prefill/s, decode/s: tokens per second; GB/s: weight bytes x decoding steps "
+                  f"per second, against a memory read bandwidth of "
+                  f"{report['memory_bandwidth_gb_s']:.2f} GB/s measured in this run")
+    for target, result in report["targets"].items():
+        console.print(f"target {target}: {result['ratio']:.2f}x, "
+                      f"{'met' if result['met'] else 'NOT met'}")
 
 
 @app.command("train")

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cpmctl.console import info
 from cpmctl.inspect import sample_documents
@@ -60,5 +61,11 @@ def quickstart(
     console.print(f"trained tiny-gpt for {records[-1]['step']} steps: training loss "
                   f"{records[0]['loss']:.2f} -> {records[-1]['loss']:.2f}, validation loss "
                   + " -> ".join(f"{loss:.2f} (step {step})" for step, loss in valid))
-    console.print(f"model: {made['run']['final']}")
-    console.print(f"next: cpmctl data inspect {made['run']['final']} --verify")
+    final = made["run"]["final"]
+    console.print(f"model: {final}; it writes (cpmctl generate -m {final} --max-new-tokens 40 "
+                  "--top-k 40 --temperature 0.8 --repetition-penalty 1.2 TEXT):")
+    for completion in made["generated"]:
+        console.print(Text("  " + completion.prompt.text)
+                      + Text(completion.text.replace("\n", " / "), style="bold")
+                      + Text(f"  ({completion.finish_reason})", style="dim"))
+    console.print(f"next: echo 今天 | cpmctl generate -m {final}")

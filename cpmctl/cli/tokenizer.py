@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 
+from cpmctl.cli.stdin import json_field, stdin_lines
 from cpmctl.data.shards import parse_size
 from cpmctl.errors import CpmError
 from cpmctl.tokenizer import load_tokenizer
@@ -57,22 +56,6 @@ def import_(
     print(import_tokenizer(file, output, force=force))
 
 
-def _stdin_lines() -> Iterator[tuple[int, str]]:
-    for number, raw in enumerate(sys.stdin.buffer, 1):
-        try:
-            yield number, raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as exc:
-            raise CpmError(f"stdin line {number}: invalid UTF-8 at byte {exc.start}") from None
-
-
-def _json_line(number: int, line: str, field: str):
-    try:
-        record = json.loads(line)
-        return record, record[field]
-    except (ValueError, KeyError, TypeError):
-        raise CpmError(f"stdin line {number}: expected a JSON object with {field!r}") from None
-
-
 @app.command("encode")
 def encode(
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A tokenizer artifact."),
@@ -83,9 +66,9 @@ def encode(
     Example: echo 今天天气很好 | cpmctl tokenizer encode -t work/tokenizer
     """
     tok = load_tokenizer(tokenizer)
-    for number, line in _stdin_lines():
+    for number, line in stdin_lines():
         if jsonl:
-            record, text = _json_line(number, line, "text")
+            record, text = json_field(number, line, "text")
             if not isinstance(text, str):
                 raise CpmError(f"stdin line {number}: 'text' must be a string")
             print(json.dumps({**record, "ids": tok.encode(text)}, ensure_ascii=False))
@@ -118,9 +101,9 @@ def decode(
     Example: echo 837 259 497 | cpmctl tokenizer decode -t work/tokenizer
     """
     tok = load_tokenizer(tokenizer)
-    for number, line in _stdin_lines():
+    for number, line in stdin_lines():
         if jsonl:
-            record, values = _json_line(number, line, "ids")
+            record, values = json_field(number, line, "ids")
             ids = _ids(number, values if isinstance(values, list) else [values], tok.vocab_size)
             print(json.dumps({**record, "text": tok.decode(ids)}, ensure_ascii=False))
         else:

@@ -14,6 +14,7 @@ CPM-2 (ARCHITECTURE §5): 24+24 layers, d_model 4096, d_ff 10240, 64 heads x 64,
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from .layers import (
     split_heads,
 )
 from .moe import MoeFFN, moe_aux_loss
+
+if TYPE_CHECKING:
+    from ..infer.cache import KVCache, LayerKV
 
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool,
@@ -93,16 +97,30 @@ class Attention(nn.Module):
         self.relative_bias = RelativePositionBias(cfg, bidirectional) if relative_bias else None
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, *,
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of `source` [batch, seq, d_model], split into heads."""
+        return (split_heads(self.k(source), self.n_heads),
+                split_heads(self.v(source), self.n_heads))
+
+    def forward(self, x: torch.Tensor,
+                kv: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None, *,
                 mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
-        kv = x if kv is None else kv
+                causal: bool = False, cache: LayerKV | None = None) -> torch.Tensor:
+        """`kv`: what the keys and values come from (x itself when None), or those keys and
+        values already computed (`keys_values`: cross-attention while decoding). `cache`:
+        self-attention while decoding, the new keys and values are appended to it."""
         q = split_heads(self.q(x), self.n_heads)
-        k = split_heads(self.k(kv), self.n_heads)
-        v = split_heads(self.v(kv), self.n_heads)
+        dtype = q.dtype
+        if isinstance(kv, tuple):
+            k, v = kv
+        else:
+            k, v = self.keys_values(x if kv is None else kv)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        q = q.to(k.dtype)  # a cache may keep keys in higher precision (infer/cache.py)
         y = attention(q, k, v, mask=mask, bias=bias, causal=causal, scale=1.0,
                       dropout=self.dropout if self.training else 0.0)
-        return self.o(merge_heads(y))
+        return self.o(merge_heads(y.to(dtype)))
 
 
 def make_ffn(cfg: ModelConfig) -> tuple[nn.Module | None, nn.Module | None]:
@@ -151,10 +169,14 @@ class DecoderBlock(nn.Module):
             self.moe, self.ln_3, self.ffn = None, norm, ffn
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, encoder_out: torch.Tensor, bias: torch.Tensor,
-                self_mask: torch.Tensor | None, cross_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                encoder_out: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                bias: torch.Tensor, self_mask: torch.Tensor | None,
+                cross_mask: torch.Tensor | None, kv: LayerKV | None = None) -> torch.Tensor:
+        """`encoder_out`: the encoder output, or its cross-attention keys and values (cached
+        decoding); `kv`: this block's self-attention cache."""
         x = x + self.dropout(self.self_attn(self.ln_1(x), mask=self_mask, bias=bias,
-                                            causal=True))
+                                            causal=True, cache=kv))
         x = x + self.dropout(self.cross_attn(self.ln_2(x), encoder_out, mask=cross_mask))
         if self.moe is not None:
             return self.moe(x)
@@ -209,15 +231,32 @@ class EncDec(nn.Module):
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_out: torch.Tensor,
                attention_mask: torch.Tensor | None = None,
-               decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """-> logits [batch, target_seq, vocab]; attention_mask is the encoder's padding."""
+               decoder_attention_mask: torch.Tensor | None = None, *,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """-> logits [batch, target_seq, vocab]; attention_mask is the encoder's padding.
+
+        With a `cache` (generation, cpmctl.infer), the decoder input continues the
+        `cache.length` tokens already cached; decoder_attention_mask, if any, covers the cached
+        and the new tokens. The cross-attention keys and values are computed from encoder_out
+        on the first call and reused from the cache after."""
         y = self.drop(self.shared(decoder_input_ids))
         seq = y.shape[1]
-        bias = self.decoder[0].self_attn.relative_bias(seq, seq)
+        past = 0 if cache is None else cache.length
+        bias = self.decoder[0].self_attn.relative_bias(seq, past + seq, offset=past)
         self_mask = key_padding_mask(decoder_attention_mask)
         cross_mask = key_padding_mask(attention_mask)
-        for block in self.decoder:
-            y = block(y, encoder_out, bias, self_mask, cross_mask)
+        if cache is None:
+            sources, kvs = [encoder_out] * len(self.decoder), [None] * len(self.decoder)
+        else:
+            if cache.cross is None:
+                cache.cross = [tuple(t.to(cache.dtype) for t in
+                                     block.cross_attn.keys_values(encoder_out))
+                               for block in self.decoder]
+            sources, kvs = cache.cross, cache.layers
+        for block, source, kv in zip(self.decoder, sources, kvs, strict=True):
+            y = block(y, source, bias, self_mask, cross_mask, kv)
+        if cache is not None:
+            cache.length += seq
         return self.lm_head(self.drop(self.decoder_norm(y)))
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,

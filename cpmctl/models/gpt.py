@@ -13,6 +13,7 @@ vocab 30,000: 109M, 334M, 2.6B parameters.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from ..errors import CpmError
 from .config import ModelConfig
 from .layers import GeluMLP, attention, init_normal, key_padding_mask, merge_heads, split_heads
 from .moe import MoeFFN, moe_aux_loss
+
+if TYPE_CHECKING:
+    from ..infer.cache import KVCache, LayerKV
 
 
 class CausalSelfAttention(nn.Module):
@@ -34,11 +38,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(inner, cfg.d_model)  # output projection, scaled at init
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                kv: LayerKV | None = None) -> torch.Tensor:
         q, k, v = (split_heads(t, self.n_heads) for t in self.c_attn(x).chunk(3, dim=-1))
+        dtype = q.dtype
+        if kv is not None:
+            k, v = kv.append(k, v)
+            q = q.to(k.dtype)  # a cache may keep keys in higher precision (infer/cache.py)
         y = attention(q, k, v, mask=mask, causal=True,
                       dropout=self.dropout if self.training else 0.0)
-        return self.c_proj(merge_heads(y))
+        return self.c_proj(merge_heads(y.to(dtype)))
 
 
 class Block(nn.Module):
@@ -57,8 +66,9 @@ class Block(nn.Module):
             self.mlp = GeluMLP(cfg.d_model, cfg.ffn_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln_1(x), mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                kv: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln_1(x), mask, kv))
         if self.moe is not None:
             return self.moe(x)
         return x + self.dropout(self.mlp(self.ln_2(x)))
@@ -95,25 +105,34 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *,
                 inputs_embeds: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [batch, seq] (or inputs_embeds [batch, seq, d_model], e.g. with a soft
         prompt in it); attention_mask [batch, seq], 1 = real token, for left-padded batches:
         positions then count real tokens only (cumsum(mask) - 1, clamped at 0), so a row reads
         as if it were unpadded. `return_hidden` gives the final hidden states instead of the
-        logits, for a loss that applies the head itself (training's fused head + loss)."""
+        logits, for a loss that applies the head itself (training's fused head + loss).
+
+        With a `cache` (generation, cpmctl.infer), the input continues the `cache.length`
+        tokens already cached, and attention_mask covers the cached and the new tokens
+        [batch, cache.length + seq]; the new keys and values are written into the cache."""
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         seq = x.shape[1]
-        if seq > self.cfg.max_positions:
-            raise CpmError(f"input of {seq} tokens is longer than model.max_positions "
+        past = 0 if cache is None else cache.length
+        if seq > self.cfg.max_positions or (attention_mask is None
+                                            and past + seq > self.cfg.max_positions):
+            raise CpmError(f"input of {past + seq} tokens is longer than model.max_positions "
                            f"({self.cfg.max_positions})")
         if attention_mask is None:
-            positions = torch.arange(seq, device=x.device)[None, :]
+            positions = torch.arange(past, past + seq, device=x.device)[None, :]
         else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            positions = (attention_mask.long().cumsum(-1)[:, past:] - 1).clamp(min=0)
         x = self.drop(x + self.wpe(positions))
         mask = key_padding_mask(attention_mask)
-        for block in self.blocks:
-            x = block(x, mask)
+        kvs = [None] * len(self.blocks) if cache is None else cache.layers
+        for block, kv in zip(self.blocks, kvs, strict=True):
+            x = block(x, mask, kv)
+        if cache is not None:
+            cache.length += seq
         hidden = self.ln_f(x)
         return hidden if return_hidden else self.lm_head(hidden)
 

@@ -53,15 +53,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     position bias) are folded into one additive mask. `scale` None is 1/sqrt(d_head); T5 passes
     1.0. With neither mask nor bias, `causal` uses SDPA's own causal path (no mask tensor).
 
+    With cached keys (decoding), the queries are the last q_len of k_len positions: causal
+    masking is aligned bottom-right, and a single query (one decoding step) sees every key.
+
     NOTE: masked scores are set to the dtype's most negative finite value rather than -inf, so
     a query with nothing to attend to (a left-padding position) gets a finite, meaningless
     output instead of NaN, which would otherwise leak into gradients.
     """
-    if mask is None and bias is None:
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    causal = causal and q_len > 1
+    # NOTE: SDPA's is_causal aligns top-left, right only when the queries are all the keys
+    if mask is None and bias is None and (not causal or q_len == k_len):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
                                               scale=scale)
     if causal:
-        q_len, k_len = q.shape[-2], k.shape[-2]
         tril = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
         mask = tril if mask is None else mask & tril
     scores = (bias.to(q.dtype) if bias is not None

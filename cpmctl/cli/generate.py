@@ -1,0 +1,146 @@
+"""`cpmctl generate`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+from cpmctl.cli.stdin import json_field, stdin_lines
+from cpmctl.console import info
+from cpmctl.errors import CpmError
+
+
+def one_line(text: str) -> str:
+    """A completion on one output line: backslash, newline and carriage return escaped as
+    \\\\, \\n and \\r (undo with `printf '%b'` or any unescaper)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _prompts(text: str | None, jsonl: bool) -> Iterator:
+    """The prompts, read lazily: completions come out while stdin is still being read."""
+    from cpmctl.infer.text import Prompt  # NOTE: here: cpmctl.infer imports torch
+
+    if text is not None:
+        yield Prompt(text, "the TEXT argument")
+        return
+    for number, line in stdin_lines():
+        where = f"stdin line {number}"
+        if not jsonl:
+            yield Prompt(line, where)
+            continue
+        record, prompt = json_field(number, line, "prompt")
+        if not isinstance(prompt, str):
+            raise CpmError(f"{where}: 'prompt' must be a string")
+        yield Prompt(prompt, where, {k: v for k, v in record.items() if k != "prompt"})
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def generate(
+    model: Path = typer.Option(..., "--model", "-m", help="A model (or checkpoint) artifact."),
+    text: str = typer.Argument(
+        None, help="The prompt; without it, stdin is read, one prompt a line."
+    ),
+    jsonl: bool = typer.Option(
+        False, "--jsonl", help='Read stdin as JSONL: {"prompt": ...} a line (other fields are '
+                               "kept in --json output)."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Write one JSON record a line: prompt, completion, tokens, "
+                              "finish_reason, prefill_s, decode_s, tokens_per_s (+ spans)."
+    ),
+    stream: bool = typer.Option(
+        False, "--stream", help="Print the text as it is generated (text output, batch 1)."
+    ),
+    max_new_tokens: int = typer.Option(64, help="The most tokens generated per prompt."),
+    temperature: float = typer.Option(
+        1.0, help="Divides the logits after top-k and top-p; 0 is greedy (deterministic)."
+    ),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(
+        0.9, help="Sample among the most likely tokens up to this probability (1: all)."
+    ),
+    repetition_penalty: float = typer.Option(
+        1.0, help="CTRL's penalty on tokens already present (1: none; 1.2 is common)."
+    ),
+    stop: list[str] = typer.Option(
+        [], "--stop", help="End a completion at this text, cut before it (repeatable; gpt)."
+    ),
+    seed: int = typer.Option(0, help="Sampling seed: same input, settings and seed, same text."),
+    batch_size: int = typer.Option(1, help="Prompts generated together (left-padded)."),
+    dtype: str = typer.Option(
+        None, help="fp32 or bf16 (default: fp32; bf16 with --quantize int8)."
+    ),
+    quantize: str = typer.Option(
+        None, help="int8: int8 weights per output channel, bf16 activations (CPU)."
+    ),
+    device: str = typer.Option("cpu", help="cpu, or cuda where there is one."),
+    threads: int = typer.Option(0, help="CPU threads for PyTorch (0: its default)."),
+) -> None:
+    """Generate text after each prompt, one completion a line on stdout: gpt models continue
+    the prompt; encdec models (CPM-2) fill the gaps marked <s_0>, <s_1>, ... and print the
+    prompt with the gaps filled (a prompt without one gets <s_0> at its end).
+
+    A completion ends at <eod>, at a --stop text (cut before it), or after
+    --max-new-tokens. A newline inside it is written as \\n and a backslash as
+    \\\\, so each completion is one line; --jsonl and --json carry any text.
+
+    A gpt prompt must leave room for a new token in the model's context
+    (model.max_positions): a longer one is an error naming its line, never
+    silently cut; generation stops at the context's end ("length").
+
+    Prompt i samples with its own generator, seeded from --seed and i: the
+    output does not depend on --batch-size. Timings in --json are those of
+    the prompt's batch.
+
+    Example: echo 今天天气很好， | cpmctl generate -m quickstart/runs/tiny-gpt/final
+    """
+    # NOTE: imported here: torch takes seconds to import and the other commands need none.
+    import torch
+
+    from cpmctl.infer import (
+        GenerationSettings,
+        SamplingSettings,
+        TextGenerator,
+        load_for_inference,
+    )
+
+    if text is not None and jsonl:
+        raise CpmError("--jsonl reads prompts from stdin: drop TEXT or --jsonl")
+    if stream and as_json:
+        raise CpmError("--stream prints text as it comes: it does not go with --json")
+    if threads < 0:
+        raise CpmError(f"--threads must be 0 or more, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens, seed=seed,
+        sampling=SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty))
+    settings.check(lambda name: "--" + name.replace("_", "-"))
+    loaded, tokenizer = load_for_inference(
+        model, dtype=dtype or ("bf16" if quantize else "fp32"), quantize=quantize,
+        device=device)
+    generator = TextGenerator(loaded, tokenizer, settings, stop=stop)
+    show = (lambda chunk: _write(one_line(chunk))) if stream else None
+    count = tokens = 0
+    started = time.perf_counter()
+    for completion in generator.complete(_prompts(text, jsonl), batch_size=batch_size,
+                                         stream=show):
+        if as_json:
+            _write(json.dumps(completion.record(), ensure_ascii=False) + "\n")
+        else:
+            _write("\n" if stream else one_line(completion.text) + "\n")
+        count += 1
+        tokens += completion.tokens
+    if count:
+        info(f"{count} completion(s), {tokens:,} tokens in "
+             f"{time.perf_counter() - started:.2f} s")

@@ -1,0 +1,120 @@
+"""Choosing the next token from the logits: CPM-1's sampling order and the repetition penalty.
+
+The order is top-k -> top-p -> temperature -> sample:
+- top-k keeps the k highest logits (0: all);
+- top-p (nucleus) keeps, among those, the smallest set of most likely tokens whose probability
+  reaches p, computed at temperature 1 (1.0: all);
+- the temperature then divides the kept logits; 0 means greedy (the argmax, nothing random).
+
+NOTE: the order matters for top-p only: the nucleus is chosen on the untempered distribution,
+so the temperature reshapes the probabilities inside a fixed candidate set instead of changing
+which tokens are candidates.
+
+The repetition penalty is CTRL's: the logit of every token already present (prompt or output)
+is divided by the penalty when positive and multiplied by it when negative, so a penalty above
+1 always makes a repeat less likely.
+
+Each row draws from its own `torch.Generator`, seeded per prompt, so a prompt's output does not
+depend on which other prompts share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the next token is chosen."""
+
+    temperature: float = 1.0
+    """Divides the logits after top-k/top-p; 0 is greedy decoding."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 keeps all."""
+    top_p: float = 0.9
+    """Keep the most likely tokens up to this total probability; 1.0 keeps all."""
+    repetition_penalty: float = 1.0
+    """CTRL's penalty on tokens already present; 1.0 is none."""
+
+    def problems(self) -> dict[str, str]:
+        """{setting: what is wrong with its value}, empty when all are valid."""
+        problems = {}
+        if self.temperature < 0:
+            problems["temperature"] = f"must be >= 0, got {self.temperature}"
+        if self.top_k < 0:
+            problems["top_k"] = f"must be >= 0, got {self.top_k}"
+        if not 0 < self.top_p <= 1:
+            problems["top_p"] = f"must be in (0, 1], got {self.top_p}"
+        if self.repetition_penalty <= 0:
+            problems["repetition_penalty"] = f"must be > 0, got {self.repetition_penalty}"
+        return problems
+
+
+def apply_repetition_penalty(logits: torch.Tensor, present: torch.Tensor,
+                             penalty: float) -> torch.Tensor:
+    """CTRL's penalty: logits [batch, vocab]; present bool [batch, vocab]."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(present, penalized, logits)
+
+
+def candidates(logits: torch.Tensor, settings: SamplingSettings
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(probabilities, token ids) after top-k, top-p and temperature, for temperature > 0.
+
+    logits [batch, vocab] (float32). The probabilities are over the candidates, highest first,
+    with zeros for the ones top-p removed; the ids map them back to the vocabulary (None: the
+    candidates are the whole vocabulary in its own order, when neither filter is on).
+    """
+    ids = None
+    if settings.top_k > 0:
+        logits, ids = logits.topk(min(settings.top_k, logits.shape[-1]), dim=-1)
+    elif settings.top_p < 1:
+        logits, ids = logits.sort(dim=-1, descending=True)
+    if settings.top_p < 1:
+        probs = logits.softmax(-1)
+        # drop a token when the more likely ones before it already reach top_p (never the first)
+        outside = probs.cumsum(-1) - probs >= settings.top_p
+        logits = logits.masked_fill(outside, -torch.inf)
+    return (logits / settings.temperature).softmax(-1), ids
+
+
+class Sampler:
+    """The next token of each row of a batch: penalty, filters, temperature, draw.
+
+    Only ids below `vocab_size` are chosen. `present` (for the repetition penalty) starts from
+    the prompts and grows with every token `observe`d; `seeds` gives each row its own generator.
+    """
+
+    def __init__(self, settings: SamplingSettings, prompts: list[list[int]], vocab_size: int,
+                 seeds: list[int], device: torch.device | str = "cpu"):
+        self.settings = settings
+        self.vocab_size = vocab_size
+        self.present = None
+        if settings.repetition_penalty != 1.0:
+            self.present = torch.zeros(len(prompts), vocab_size, dtype=torch.bool,
+                                       device=device)
+            for row, ids in enumerate(prompts):
+                self.present[row, ids] = True
+        self.generators = None
+        if settings.temperature > 0:
+            self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [batch, model vocab] -> token ids [batch]."""
+        logits = logits[:, :self.vocab_size].float()
+        if self.present is not None:
+            logits = apply_repetition_penalty(logits, self.present,
+                                              self.settings.repetition_penalty)
+        if self.generators is None:
+            return logits.argmax(-1)
+        probs, ids = candidates(logits, self.settings)
+        choice = torch.cat([torch.multinomial(row, 1, generator=generator)
+                            for row, generator in zip(probs, self.generators, strict=True)])
+        return choice if ids is None else ids.gather(-1, choice[:, None])[:, 0]
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Record the tokens just chosen [batch] for the repetition penalty."""
+        if self.present is not None:
+            self.present[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
