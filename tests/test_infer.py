@@ -467,3 +467,20 @@ def test_a_padded_model_vocabulary_never_yields_ids_past_the_tokenizers():
         assert max(tokens) < tokenizer.vocab_size
     [completion] = TextGenerator(model, tokenizer, settings(10)).complete([Prompt("ab")])
     assert completion.tokens == 10
+
+
+@pytest.mark.slow
+def test_greedy_equals_transformers_at_cpm_small_dims():
+    """CPM-Small exactly (12 layers, 768 wide, 12 heads, 30,000 tokens), random weights, in
+    the form `cpmctl generate` runs it (oneDNN-packed fp32): transformers' greedy tokens."""
+    torch.manual_seed(0)
+    model = build_model(gpt_cfg(n_layers=12, d_model=768, n_heads=12, vocab_size=30000,
+                                max_positions=1024, init_std=0.02)).eval()
+    perturb_norms(model)
+    hf = hf_gpt2(model)
+    prompt = torch.randint(10, 30000, (1, 32))
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, 32:].tolist()
+    prepared = prepare_for_inference(model, dtype="fp32")
+    assert tokens_of(prepared, [prompt[0].tolist()], settings(24))[0] == theirs

@@ -30,7 +30,7 @@ from cpmctl.artifacts import MANIFEST, finalize_in_place, open_artifact
 from cpmctl.console import info, warn
 from cpmctl.data.samples import PackedSamples, open_dataset
 from cpmctl.errors import CpmError
-from cpmctl.models import build_model
+from cpmctl.models import build_model, checkpoint_activations
 from cpmctl.models.artifact import load_model, save_model
 from cpmctl.recipe import Recipe, dump_recipe, load_recipe, recipe_digest
 from cpmctl.tokenizer import from_folder
@@ -130,7 +130,10 @@ class Trainer:
         self.accumulation = train.accumulation(data.seq_len, self.processes.world_size)
         self.global_batch = train.batch_samples(data.seq_len, self.processes.world_size)
         torch.manual_seed(recipe.run.seed)
-        self.engine = build_engine(self._initial_model(), recipe, self.processes)
+        model = self._initial_model()
+        if recipe.engine.activation_checkpointing:
+            checkpoint_activations(model)
+        self.engine = build_engine(model, recipe, self.processes)
         self.model = self.engine.module
         self.step, self.consumed = 0, 0
         # NOTE: only now, with everything that can fail checked, is the run folder touched:
