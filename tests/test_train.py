@@ -234,17 +234,18 @@ def test_deepspeed_trains_the_same_recipe_as_the_torch_engine(dataset, tmp_path,
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_bf16_offload_two_processes_resume_after_sigkill(dataset, tmp_path):
-    """ZeRO-3, bf16, optimizer offload, 2 processes under torchrun: a run killed with SIGKILL
-    and resumed from its consolidated (safetensors) checkpoint gives the identical loss and
-    gradient norm at every step (bitwise: the state round-trips exactly)."""
-    zero3 = ("--set", "engine.name=deepspeed", "--set", "engine.zero_stage=3",
-             "--set", "engine.offload_optimizer=true", "--set", "train.precision=bf16")
+@pytest.mark.parametrize("stage,offload", [(2, "false"), (3, "true")])
+def test_deepspeed_two_processes_resume_after_sigkill(dataset, tmp_path, stage, offload):
+    """ZeRO-2, and ZeRO-3 with optimizer offload, bf16, 2 processes under torchrun: a run
+    killed with SIGKILL and resumed from its consolidated (safetensors) checkpoint gives the
+    identical loss and gradient norm at every step (bitwise: the state round-trips exactly)."""
+    deepspeed = ("--set", "engine.name=deepspeed", "--set", f"engine.zero_stage={stage}",
+             "--set", f"engine.offload_optimizer={offload}", "--set", "train.precision=bf16")
     straight = torchrun(tmp_path, recipe(tmp_path, dataset, "a", steps=24, every=6,
-                                         eval_every=12), *zero3)
+                                         eval_every=12), *deepspeed)
     assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()
     killed_recipe = recipe(tmp_path, dataset, "b", steps=24, every=6, eval_every=12)
-    killed = torchrun(tmp_path, killed_recipe, *zero3)
+    killed = torchrun(tmp_path, killed_recipe, *deepspeed)
     log, deadline = tmp_path / "run-b" / "metrics.jsonl", time.time() + 600
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 15):
         time.sleep(0.02)
@@ -254,7 +255,7 @@ def test_deepspeed_zero3_bf16_offload_two_processes_resume_after_sigkill(dataset
     killed.kill()
     killed.wait(timeout=60)
     assert 15 <= len(metrics(tmp_path / "run-b")) < 24
-    resumed = torchrun(tmp_path, killed_recipe, *zero3, "--resume")
+    resumed = torchrun(tmp_path, killed_recipe, *deepspeed, "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()
     a, b = metrics(tmp_path / "run-a"), metrics(tmp_path / "run-b")
     assert [(r["step"], r["loss"], r["grad_norm"], r.get("valid_loss")) for r in a] == \

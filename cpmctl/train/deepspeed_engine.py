@@ -159,7 +159,11 @@ class DeepSpeedEngine:
             self.optimizer._lazy_init_hp_params_optimizer_state()
 
     def _partitioned(self, p: nn.Parameter) -> bool:
-        return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
+        """Whether DeepSpeed keeps `p`'s fp32 master and moments in partitions (ZeRO >= 1).
+        NOTE: decided by the stage, never by `p` itself: under ZeRO 1/2 a parameter that lies
+        wholly in another process's partition has no mapping here, yet gathering it is a
+        collective that every process must join."""
+        return self.recipe.engine.zero_stage >= 1
 
     def _fp32(self, p: nn.Parameter) -> torch.Tensor:
         return safe_get_full_fp32_param(p) if self._partitioned(p) else p
