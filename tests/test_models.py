@@ -16,7 +16,7 @@ from torch import nn
 
 from cpmctl.errors import CpmError
 from cpmctl.models import ModelConfig, MoeConfig, build_model, count_parameters
-from cpmctl.models.hf import hf_config, to_hf_state_dict
+from cpmctl.models.hf import to_transformers
 from cpmctl.models.layers import GatedGeluFFN
 from cpmctl.models.moe import MoeFFN, balanced_assignment
 
@@ -60,9 +60,7 @@ def copy_into(hf: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 def hf_gpt2(model) -> nn.Module:
     """GPT2LMHeadModel holding `model`'s weights, through `cpmctl model convert`'s mapping."""
-    config = transformers.GPT2Config(**hf_config(model.cfg), attn_implementation="eager")
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    copy_into(hf, to_hf_state_dict(model.state_dict()))
+    hf = to_transformers(model, attn_implementation="eager")
     assert hf.lm_head.weight is hf.transformer.wte.weight
     return hf
 

@@ -71,21 +71,12 @@ def _random_model(spec: dict) -> nn.Module:
 
 def _transformers_model(spec: dict) -> nn.Module:
     """transformers' GPT-2 holding the same weights as ours (cpmctl.models.hf's mapping)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from cpmctl.models.artifact import load_model
-    from cpmctl.models.hf import hf_config, to_hf_state_dict
+    from cpmctl.models.hf import to_transformers
 
     model = load_model(spec["model"])[0] if spec.get("model") else _random_model(spec)
-    theirs = GPT2LMHeadModel(GPT2Config.from_dict(hf_config(model.cfg)))
-    missing, unexpected = theirs.load_state_dict(to_hf_state_dict(model.state_dict()),
-                                                 strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to wte
-        raise CpmError(f"transformers' GPT-2 does not take these weights: missing {missing}, "
-                       f"unexpected {unexpected}")
-    theirs.tie_weights()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["precision"]]
-    return theirs.eval().to(device=spec["device"], dtype=dtype)
+    return to_transformers(model).to(device=spec["device"], dtype=dtype)
 
 
 def _prompts(spec: dict, vocab: int) -> torch.Tensor:

@@ -22,22 +22,10 @@ import torch.nn.functional as F
 from cpmctl.errors import CpmError
 from cpmctl.models import build_model
 from cpmctl.models.config import ModelConfig
+from cpmctl.models.hf import to_transformers
 from cpmctl.train.objectives import fused_lm_loss
 
 TARGET = 1.2
-
-
-def hf_gpt2(cfg: ModelConfig):
-    """`transformers.GPT2LMHeadModel` with the shape of `cfg` (a GPT recipe)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions,
-                        n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
-                        n_inner=cfg.ffn_size, activation_function="gelu_new",
-                        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                        attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.eps,
-                        bos_token_id=None, eos_token_id=None)
-    return GPT2LMHeadModel(config)
 
 
 def _ours_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -81,7 +69,8 @@ def bench_training(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmu
     batches = [torch.randint(cfg.vocab_size, (batch, seq_len + 1), generator=generator)
                for _ in range(warmup + steps)]
     torch.manual_seed(seed)
-    ours, theirs = build_model(cfg), hf_gpt2(cfg)
+    ours = build_model(cfg)
+    theirs = to_transformers(ours).train()  # the same initial weights
     parameters = sum(p.numel() for p in ours.parameters())
     flops_per_token = 6 * parameters + 6 * cfg.n_layers * seq_len * cfg.d_model
     runs = []

@@ -155,6 +155,24 @@ def hf_config(cfg: ModelConfig, special: dict[str, int] | None = None) -> dict:
     }
 
 
+def to_transformers(model: nn.Module, **config) -> nn.Module:
+    """transformers' `GPT2LMHeadModel` holding our dense GPT's weights (the baselines of the
+    benchmarks and the equality tests); `config` adds GPT2Config fields (attn_implementation).
+    Needs transformers, which only the dev extra installs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    theirs = GPT2LMHeadModel(GPT2Config.from_dict({**hf_config(model.cfg), **config}))
+    weights = to_hf_state_dict(model.state_dict())
+    names = {name for name, _ in theirs.named_parameters()}  # the tied head appears once
+    if names != set(weights):
+        raise CpmError(f"transformers' GPT-2 does not take these weights: "
+                       f"{', '.join(sorted(names ^ set(weights)))}")
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.copy_(weights[name])
+    return theirs.eval()
+
+
 # ---------------------------------------------------------------- tensor names
 
 
