@@ -234,17 +234,19 @@ def test_deepspeed_trains_the_same_recipe_as_the_torch_engine(dataset, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,offload", [(2, "false"), (3, "true")])
-def test_deepspeed_two_processes_resume_after_sigkill(dataset, tmp_path, stage, offload):
-    """ZeRO-2, and ZeRO-3 with optimizer offload, bf16, 2 processes under torchrun: a run
-    killed with SIGKILL and resumed from its consolidated (safetensors) checkpoint gives the
-    identical loss and gradient norm at every step (bitwise: the state round-trips exactly)."""
+@pytest.mark.parametrize("stage,offload,arch", [(2, "false", "gpt"), (3, "true", "encdec")])
+def test_deepspeed_two_processes_resume_after_sigkill(dataset, tmp_path, stage, offload, arch):
+    """ZeRO-2 (GPT), and ZeRO-3 with optimizer offload (a top-k MoE encoder-decoder, whose
+    routing differs between the processes), bf16, 2 processes under torchrun: a run killed with
+    SIGKILL and resumed from its consolidated (safetensors) checkpoint gives the identical loss
+    and gradient norm at every step (bitwise: the state round-trips exactly)."""
     deepspeed = ("--set", "engine.name=deepspeed", "--set", f"engine.zero_stage={stage}",
              "--set", f"engine.offload_optimizer={offload}", "--set", "train.precision=bf16")
     straight = torchrun(tmp_path, recipe(tmp_path, dataset, "a", steps=24, every=6,
-                                         eval_every=12), *deepspeed)
+                                         eval_every=12, arch=arch), *deepspeed)
     assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()
-    killed_recipe = recipe(tmp_path, dataset, "b", steps=24, every=6, eval_every=12)
+    killed_recipe = recipe(tmp_path, dataset, "b", steps=24, every=6, eval_every=12,
+                           arch=arch)
     killed = torchrun(tmp_path, killed_recipe, *deepspeed)
     log, deadline = tmp_path / "run-b" / "metrics.jsonl", time.time() + 600
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 15):

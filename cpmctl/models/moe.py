@@ -156,15 +156,19 @@ class MoeFFN(nn.Module):
         return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
 
     def run_experts(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """sum of gate * FFN_e(h[token]) per token, [T, d]; one expert call at a time."""
+        """sum of gate * FFN_e(h[token]) per token, [T, d]; one expert call at a time.
+
+        NOTE: every expert is called, one that got no token with an empty batch: its weights
+        then join the backward pass with zero gradients, which DDP requires (it waits for
+        every parameter's gradient), and ZeRO-3's per-module weight gathering, a collective,
+        happens on every process whatever the routing chose there."""
         order = torch.argsort(routing.experts, stable=True)
         counts = torch.bincount(routing.experts, minlength=self.n_experts).tolist()
         out = torch.zeros_like(h)
         for expert, tokens, gates in zip(self.experts, routing.tokens[order].split(counts),
                                          routing.gates[order].split(counts), strict=True):
-            if tokens.numel():
-                y = expert(h[tokens]) * gates[:, None]
-                out = out.index_add(0, tokens, y.to(out.dtype))
+            y = expert(h[tokens]) * gates[:, None]
+            out = out.index_add(0, tokens, y.to(out.dtype))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -196,7 +196,8 @@ class Trainer:
         state = self.engine.restore(checkpoint, self._probe_loss)
         check_world_size(state, self.processes.world_size, checkpoint)
         self.step, self.consumed = state["step"], state["consumed_samples"]
-        set_rng_state(state["rng"])
+        by_rank = state.get("rng_by_rank")
+        set_rng_state(by_rank[self.processes.rank] if by_rank else state["rng"])
         self._truncate_metrics(self.step)
         info(f"resuming {self.run_dir} from {checkpoint.name} (step {self.step})")
 
@@ -227,6 +228,28 @@ class Trainer:
         indices = self.consumed + np.arange(p.rank, self.global_batch, p.world_size)
         return [self.objective.batch(rows[i:i + micro], indices[i:i + micro])
                 for i in range(0, len(rows), micro)]
+
+    def _gather_json(self, value) -> list:
+        """Every process's JSON-safe `value`, in rank order (collective).
+
+        The RNG states differ between processes once they have drawn different amounts (an
+        MoE expert's dropout draws as many numbers as the tokens routed to it there), so a
+        checkpoint keeps each process's own."""
+        if self.processes.world_size == 1:
+            return [value]
+        device = self.processes.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        data = torch.tensor(list(json.dumps(value).encode("utf-8")), dtype=torch.uint8,
+                            device=device)
+        sizes = [torch.zeros(1, dtype=torch.long, device=device)
+                 for _ in range(self.processes.world_size)]
+        dist.all_gather(sizes, torch.tensor([data.numel()], device=device))
+        longest = int(max(sizes).item())
+        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+        padded[:data.numel()] = data
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return [json.loads(bytes(part[:int(size.item())].tolist()).decode("utf-8"))
+                for part, size in zip(parts, sizes, strict=True)]
 
     def _all_sum(self, value: float) -> float:
         if self.processes.world_size == 1:
@@ -285,10 +308,13 @@ class Trainer:
 
     def _checkpoint(self, loss: float) -> None:
         weights, optimizer_state = self.engine.state_dicts()  # collective under ZeRO
+        rngs = self._gather_json(rng_state())
         if self.processes.main:
             state = {"step": self.step, "consumed_samples": self.consumed,
-                     "world_size": self.processes.world_size, "rng": rng_state(), "loss": loss,
+                     "world_size": self.processes.world_size, "rng": rngs[0], "loss": loss,
                      "engine": self.recipe.engine.name}
+            if len(rngs) > 1:
+                state["rng_by_rank"] = rngs
             save_checkpoint(self.run_dir, self.step, weights, self.recipe.model,
                             optimizer_state, state, keep=self.recipe.checkpoint.keep)
         self._barrier()
