@@ -158,18 +158,20 @@ class DeepSpeedEngine:
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()
 
-    def _partitioned(self, p: nn.Parameter) -> bool:
-        """Whether DeepSpeed keeps `p`'s fp32 master and moments in partitions (ZeRO >= 1).
-        NOTE: decided by the stage, never by `p` itself: under ZeRO 1/2 a parameter that lies
+    @property
+    def _partitioned(self) -> bool:
+        """Whether DeepSpeed keeps the fp32 masters and moments in partitions (ZeRO >= 1;
+        stage 0 trains fp32 only, its parameters are the masters).
+        NOTE: decided by the stage, never per parameter: under ZeRO 1/2 a parameter that lies
         wholly in another process's partition has no mapping here, yet gathering it is a
         collective that every process must join."""
         return self.recipe.engine.zero_stage >= 1
 
     def _fp32(self, p: nn.Parameter) -> torch.Tensor:
-        return safe_get_full_fp32_param(p) if self._partitioned(p) else p
+        return safe_get_full_fp32_param(p) if self._partitioned else p
 
     def _moment(self, p: nn.Parameter, key: str) -> torch.Tensor:
-        if self._partitioned(p):
+        if self._partitioned:
             return safe_get_full_optimizer_state(p, key)
         return self._base_optimizer().state[p][key]
 
@@ -228,7 +230,7 @@ class DeepSpeedEngine:
     def _set(self, p: nn.Parameter, weight: torch.Tensor, moments: dict | None) -> None:
         """Write one parameter's fp32 master, its working copy and its Adam moments."""
         weight = weight.detach()
-        if not self._partitioned(p):  # stage 0, fp32: the parameter is the master
+        if not self._partitioned:  # stage 0, fp32: the parameter is the master
             p.data.copy_(weight)
             state = self._base_optimizer().state[p]
             for key in ADAM_MOMENTS:
