@@ -42,3 +42,20 @@ def run_subprocess(*args: str, input: bytes | None = None, timeout: float = 120,
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "cpmctl", *map(str, args)], input=input,
                           capture_output=True, timeout=timeout, cwd=cwd, env=env)
+
+
+@pytest.fixture(params=["native", "torch"])
+def int8_kernel_choice(request, monkeypatch):
+    """Run an int8 test once with cpmctl's kernel and once with PyTorch's: the kernel name.
+    The native one is skipped only on a machine that cannot build it (no AVX-512 VNNI)."""
+    from cpmctl.infer import int8_kernel
+
+    if request.param == "torch":
+        monkeypatch.setenv(int8_kernel.KERNEL_ENV, "torch")
+    int8_kernel.library.cache_clear()
+    name = int8_kernel.kernel_name()
+    if request.param == "native" and name != int8_kernel.NATIVE:
+        pytest.skip("cpmctl's int8 kernel cannot be built here (no C compiler or AVX-512 VNNI)")
+    yield name
+    monkeypatch.undo()
+    int8_kernel.library.cache_clear()

@@ -15,6 +15,7 @@ import torch
 
 from cpmctl.cli.generate import one_line
 from cpmctl.data.build import BuildSettings, build_corpus
+from cpmctl.infer.int8_kernel import kernel_name
 from cpmctl.models import ModelConfig, build_model
 from cpmctl.models.artifact import save_model
 from cpmctl.quickstart import package_dir
@@ -178,6 +179,8 @@ def test_bench_speed_times_every_precision_against_transformers(models, cli):
     for run in report["runs"]:
         assert run["prefill_tok_s"] > 0 and run["decode_tok_s"] > 0 and run["peak_mb"] > 0
         assert run["effective_gb_s"] > 0 and run["weights_mb"] > 0
+    assert {r.get("int8_kernel") for r in report["runs"] if r["precision"] == "int8"} == {
+        kernel_name()}
     fp32 = [r for r in report["runs"] if r["precision"] == "fp32" and r["batch"] == 1]
     assert fp32[0]["first_tokens"] == fp32[1]["first_tokens"]
     assert report["memory_bandwidth_gb_s"] > 0

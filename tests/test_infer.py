@@ -20,6 +20,7 @@ from cpmctl.infer import (
     SamplingSettings,
     TextGenerator,
     generate_tokens,
+    int8_kernel,
     perplexity,
     quantize_int8,
 )
@@ -375,14 +376,16 @@ def test_moe_models_generate_with_top1_routing(arch):
 # ---------------------------------------------------------------- int8 and perplexity
 
 
-def test_int8_linear_is_per_channel_symmetric():
+def test_int8_linear_is_per_channel_symmetric(int8_kernel_choice):
     torch.manual_seed(12)
     linear = torch.nn.Linear(64, 48)
     with torch.no_grad():
         linear.weight[3] *= 100  # one loud channel does not cost the others precision
     q = Int8Linear.from_linear(linear)
-    assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127
-    dequantized = q.weight.float() * q.scales.float()[:, None]
+    assert q.kernel == int8_kernel_choice
+    weight = q.int8_weight()
+    assert weight.dtype == torch.int8 and weight.shape == (48, 64) and weight.abs().max() == 127
+    dequantized = weight.float() * q.scales.float()[:, None]
     error = (dequantized - linear.weight).abs().amax(1)
     assert (error <= q.scales.float() * 0.51).all()
     x = torch.randn(3, 5, 64)
@@ -393,14 +396,16 @@ def test_int8_linear_is_per_channel_symmetric():
 
 
 @pytest.mark.parametrize("arch", ["gpt", "encdec"])
-def test_int8_model_is_close_to_bf16(arch):
+def test_int8_model_is_close_to_bf16(arch, int8_kernel_choice):
     model = varied_gpt(13) if arch == "gpt" else varied_encdec(13)
     ids = torch.randint(1, VOCAB, (2, 16))
     args = (ids,) if arch == "gpt" else (ids, ids[:, :6])
     with torch.no_grad():
         reference = model(*args)
         int8 = quantize_int8(model)(*args).float()
-    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.lm_head, Int8Linear) and model.lm_head.kernel == int8_kernel_choice
+    if int8_kernel_choice == int8_kernel.NATIVE:  # fp32 scales: .to(bf16) came before them
+        assert model.lm_head.scales.dtype == torch.float32
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     if arch == "gpt":
         assert model.wte.weight.dtype == torch.bfloat16  # the tied table stays for lookups
@@ -408,7 +413,7 @@ def test_int8_model_is_close_to_bf16(arch):
     assert tokens_of(model, [ids[0].tolist()], settings(8))  # and it generates
 
 
-def test_perplexity_is_exp_of_the_mean_loss_and_int8_stays_close():
+def test_perplexity_is_exp_of_the_mean_loss_and_int8_stays_close(int8_kernel_choice):
     model = varied_gpt(14)
     ids = torch.randint(1, VOCAB, (300,))
     with torch.no_grad():
@@ -425,9 +430,9 @@ def test_perplexity_is_exp_of_the_mean_loss_and_int8_stays_close():
         perplexity(model, ids[:10])
 
 
-def test_int8_linear_copies_a_strided_or_misaligned_input():
-    """The kernel reads aligned, packed rows: a view that is neither must be copied first
-    (a strided one gave wrong numbers, a misaligned one crashed)."""
+def test_int8_linear_copies_a_strided_or_misaligned_input(int8_kernel_choice):
+    """The kernels read packed rows (PyTorch's aligned too): a view that is neither must be
+    copied first (with PyTorch's, a strided one gave wrong numbers, a misaligned one crashed)."""
     torch.manual_seed(15)
     q = Int8Linear.from_linear(torch.nn.Linear(64, 32))
     wide = torch.randn(3, 128, dtype=torch.bfloat16)

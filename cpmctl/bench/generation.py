@@ -145,7 +145,7 @@ def measure(spec: dict) -> dict:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
+    record = {
         "impl": spec["impl"], "precision": spec["precision"], "batch": batch,
         "prefill_tok_s": batch * spec["prompt_tokens"] / prefill_s,
         "decode_tok_s": batch * new / decode_s,
@@ -154,6 +154,11 @@ def measure(spec: dict) -> dict:
         "effective_gb_s": weights * (new / decode_s) / 1e9,
         "first_tokens": tokens[0][:8],
     }
+    if spec["precision"] == "int8":
+        from cpmctl.infer.int8_kernel import kernel_name
+
+        record["int8_kernel"] = kernel_name()
+    return record
 
 
 # ----------------------------------------------------------------------- the report

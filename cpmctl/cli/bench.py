@@ -167,6 +167,10 @@ def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tok
                   "prefill/s, decode/s: tokens per second; GB/s: weight bytes x decoding steps "
                   f"per second, against a memory read bandwidth of "
                   f"{report['memory_bandwidth_gb_s']:.2f} GB/s measured in this run")
+    kernels = sorted({r["int8_kernel"] for r in report["runs"] if "int8_kernel" in r})
+    if kernels:
+        console.print(f"int8 matmuls: {', '.join(kernels)} (CPMCTL_INT8_KERNEL=torch picks "
+                      "PyTorch's)")
     for target, result in report["targets"].items():
         console.print(f"target {target}: {result['ratio']:.2f}x, "
                       f"{'met' if result['met'] else 'NOT met'}")

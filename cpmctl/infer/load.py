@@ -6,7 +6,8 @@
 
 Precisions: fp32 (exact, the default), bf16 (weights and activations: ~1.7x fp32's decoding
 speed on a CPU with native bf16, CPM-Small here), or int8 weights with bf16 activations
-(quantize.py: half of bf16's weight memory, ~1.1x its speed here).
+(quantize.py: half of bf16's weight memory; ~2x bf16's decoding speed here with cpmctl's own
+kernel, int8_kernel.py).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def prepare_for_inference(model: nn.Module, *, dtype: str = "fp32",
     model.eval()
     if quantize == "int8":
         if target.type != "cpu":
-            raise CpmError("--quantize int8 runs on the CPU (PyTorch's int8 weight-only "
-                           "kernel is CPU-only); drop --device or --quantize")
+            raise CpmError("--quantize int8 runs on the CPU (both int8 weight-only kernels "
+                           "are CPU-only); drop --device or --quantize")
         return quantize_int8(model)
     model = model.to(device=target, dtype=DTYPES[dtype])
     return pack_linears(model) if target.type == "cpu" else model

@@ -1,0 +1,141 @@
+/* y = x @ (scale[:, None] * w).T + bias: int8 weights, bf16 activations, for x86 CPUs with
+ * AVX-512 BW and VNNI. Built on first use by cpmctl/infer/int8_kernel.py, which explains why it
+ * exists; this file is only the arithmetic.
+ *
+ * The weights come packed (int8_kernel.pack): blocks of ROWS output channels, and inside a
+ * block the input dimension in slices of COLS: [N/ROWS][K/COLS][ROWS][COLS] int8, zero-padded.
+ * A block is one contiguous run the hardware prefetcher can follow, read once for every row of
+ * x.
+ *
+ * Each row of x is quantized on the fly to int16 against its own max |x| (15 bits of precision
+ * per row, finer than bf16's 8-bit mantissa for all but far-from-max values), so that the
+ * product is an integer dot product: VPDPWSSD multiplies 32 int16 pairs and adds them to 16
+ * int32 lanes in one instruction, the int8 weights widened by one VPMOVSXBW. One weight times
+ * one activation is at most 127 * 32767 < 2^22, and a lane adds two of them per slice: the
+ * int32 lanes are moved to fp32 every FLUSH = 256 slices (512 products < 2^31), so they never
+ * overflow.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
+#error "the int8 kernel needs AVX-512 BW and VNNI"
+#endif
+
+#define ROWS 4        /* output channels per packed block */
+#define COLS 32       /* inputs per slice: one 256-bit load, widened to 32 int16 */
+#define FLUSH 256     /* slices between int32 -> fp32 moves */
+#define PREFETCH 512  /* bytes ahead of the slice being read */
+
+int cpmctl_int8_layout(int which) { return which == 0 ? ROWS : COLS; }
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t wide = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &wide, sizeof value);
+    return value;
+}
+
+static inline uint16_t float_to_bf16(float value) {  /* round to nearest even */
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 0x40);  /* NaN */
+    bits += 0x7fff + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+/* xq[m] = round(x[m] / xscale[m]) with xscale[m] = max|x[m]| / 32767; padded with zeros to kp.
+ * A row holding inf or NaN gets a NaN scale, which makes its outputs NaN. */
+static void quantize_rows(const uint16_t *x, int m_rows, int k, int kp, int16_t *xq,
+                          float *xscale, int threads) {
+    #pragma omp parallel for num_threads(threads) if (m_rows >= 4 * threads)
+    for (int m = 0; m < m_rows; m++) {
+        const uint16_t *row = x + (size_t)m * k;
+        float largest = 0.0f;
+        int finite = 1;
+        for (int i = 0; i < k; i++) {
+            float size = fabsf(bf16_to_float(row[i]));
+            finite &= isfinite(size) != 0;
+            largest = fmaxf(largest, size);
+        }
+        int16_t *out = xq + (size_t)m * kp;
+        if (!finite) {
+            xscale[m] = NAN;
+            memset(out, 0, (size_t)kp * sizeof *out);
+            continue;
+        }
+        float scale = largest > 0.0f ? largest / 32767.0f : 1.0f, inverse = 1.0f / scale;
+        xscale[m] = scale;
+        for (int i = 0; i < k; i++) out[i] = (int16_t)lrintf(bf16_to_float(row[i]) * inverse);
+        for (int i = k; i < kp; i++) out[i] = 0;
+    }
+}
+
+/* Rows m .. m+MT-1 of y for the ROWS channels of one packed block. MT is 1 or 2: two rows share
+ * each widened weight, and 2 x ROWS int32 + 2 x ROWS fp32 accumulators fit the 32 registers. */
+static inline __attribute__((always_inline)) void block_rows(
+        const int8_t *block, const int16_t *xq, const float *xscale, int m, const int mt,
+        int kp, int n0, int n, const float *scale, const float *bias, uint16_t *y) {
+    const int slices = kp / COLS;
+    __m512 sums[2][ROWS];
+    for (int i = 0; i < mt; i++)
+        for (int r = 0; r < ROWS; r++) sums[i][r] = _mm512_setzero_ps();
+    for (int first = 0; first < slices; first += FLUSH) {
+        const int last = first + FLUSH < slices ? first + FLUSH : slices;
+        __m512i dots[2][ROWS];
+        for (int i = 0; i < mt; i++)
+            for (int r = 0; r < ROWS; r++) dots[i][r] = _mm512_setzero_si512();
+        for (int s = first; s < last; s++) {
+            const int8_t *slice = block + (size_t)s * ROWS * COLS;
+            _mm_prefetch((const char *)slice + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)slice + PREFETCH + 64, _MM_HINT_T0);
+            __m512i w[ROWS];
+            for (int r = 0; r < ROWS; r++)
+                w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(slice + r * COLS)));
+            for (int i = 0; i < mt; i++) {
+                __m512i xs = _mm512_loadu_si512(xq + (size_t)(m + i) * kp + (size_t)s * COLS);
+                for (int r = 0; r < ROWS; r++) dots[i][r] = _mm512_dpwssd_epi32(dots[i][r], xs, w[r]);
+            }
+        }
+        for (int i = 0; i < mt; i++)
+            for (int r = 0; r < ROWS; r++)
+                sums[i][r] = _mm512_add_ps(sums[i][r], _mm512_cvtepi32_ps(dots[i][r]));
+    }
+    for (int i = 0; i < mt; i++)
+        for (int r = 0; r < ROWS && n0 + r < n; r++) {
+            float value = _mm512_reduce_add_ps(sums[i][r]) * xscale[m + i] * scale[n0 + r];
+            if (bias) value += bias[n0 + r];
+            y[(size_t)(m + i) * n + n0 + r] = float_to_bf16(value);
+        }
+}
+
+/* x: [m_rows][k] bf16; packed: [ceil(n/ROWS)][kp/COLS][ROWS][COLS] int8 with kp = k rounded up
+ * to COLS; scale, bias: [n] fp32 (bias may be NULL); y: [m_rows][n] bf16. Returns 0, or -1 when
+ * out of memory. */
+int cpmctl_int8_matmul(const uint16_t *x, int m_rows, int k, const int8_t *packed,
+                       const float *scale, const float *bias, uint16_t *y, int n, int kp,
+                       int threads) {
+    int16_t *xq = aligned_alloc(64, ((size_t)m_rows * kp * sizeof(int16_t) + 63) / 64 * 64);
+    float *xscale = malloc((size_t)m_rows * sizeof(float));
+    if (!xq || !xscale) {
+        free(xq);
+        free(xscale);
+        return -1;
+    }
+    quantize_rows(x, m_rows, k, kp, xq, xscale, threads);
+    const int blocks = (n + ROWS - 1) / ROWS;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const int8_t *block = packed + (size_t)b * ROWS * kp;
+        int m = 0;
+        for (; m + 2 <= m_rows; m += 2)
+            block_rows(block, xq, xscale, m, 2, kp, b * ROWS, n, scale, bias, y);
+        if (m < m_rows) block_rows(block, xq, xscale, m, 1, kp, b * ROWS, n, scale, bias, y);
+    }
+    free(xq);
+    free(xscale);
+    return 0;
+}
