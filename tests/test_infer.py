@@ -359,8 +359,12 @@ def test_encdec_generator_fills_the_gaps_and_stops_after_the_last():
 
 
 @pytest.mark.parametrize("arch", ["gpt", "encdec"])
-def test_moe_models_generate_with_top1_routing(arch):
-    moe = MoeConfig(experts=4)
+@pytest.mark.parametrize("moe", [MoeConfig(experts=4),
+                                 MoeConfig(experts=4, router="topk", top_k=2,
+                                           capacity_factor=0.5)], ids=["base", "top2"])
+def test_moe_models_generate_the_same_batched_and_one_by_one(arch, moe):
+    """Top-k capacity is for training: at inference no token is dropped, so the batch (its
+    padding, the other prompts) never changes a prompt's text."""
     model = varied_gpt(11, moe=moe) if arch == "gpt" else varied_encdec(11, moe=moe)
     prompts = [torch.randint(1, VOCAB, (n,)).tolist() for n in (6, 3)]
     batched = tokens_of(model, prompts, settings(12))

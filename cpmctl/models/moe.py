@@ -16,7 +16,10 @@ Routers (`cfg.moe.router`):
   the (not renormalised) softmax probability as gate; an expert takes at most
   ceil(capacity_factor * tokens * top_k / experts) tokens, earlier-ranked choices first, then in
   token order; a token an expert drops only loses that expert's term (the residual carries it).
-  The Switch load-balancing loss is kept in `self.aux_loss`.
+  The Switch load-balancing loss is kept in `self.aux_loss`. The capacity is a training
+  device: inference (`not self.training`) drops nothing, so a token's output never depends on
+  the other tokens of its batch (padding included) and a batch generates what its prompts
+  generate one by one.
 
 The exact relation a dense -> MoE growth can rely on: if every expert is a copy of one dense
 FFN `f`, then `MoeFFN(x) = x + g(x) * f(RMSNorm(x))`, with g = sigmoid(affinity of the chosen
@@ -145,7 +148,7 @@ class MoeFFN(nn.Module):
         tokens = torch.arange(n_tokens, device=h.device).repeat(self.top_k)
         onehot = F.one_hot(experts, self.n_experts)
         position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # place in the expert's queue
-        keep = position < self.capacity(n_tokens)
+        keep = position < (self.capacity(n_tokens) if self.training else n_tokens)
         # Switch: E * sum_e (fraction of assignments to e) * (mean router probability of e)
         fraction = onehot.float().mean(0)
         self.aux_loss = self.n_experts * (fraction * probs.mean(0)).sum()
