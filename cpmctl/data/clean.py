@@ -12,8 +12,9 @@ Normalisation (`normalise`), in this order:
 2. HTML: entities unescaped, then `<script>`/`<style>` blocks and comments removed and known
    HTML tags removed (block tags become a newline). Only real tag names followed by a space,
    `/` or `>` match, so `<三国演义>`, `<eod>` or `a<b, c>d` are left alone. Unescaping first
-   means escaped markup (`&lt;p&gt;`) is removed like markup, which keeps `normalise`
-   idempotent (double-escaped markup such as `&amp;lt;p&amp;gt;` is the exception).
+   means escaped markup (`&lt;p&gt;`) is removed like markup; the step repeats until nothing
+   changes, so double-escaped markup (`&amp;lt;p&amp;gt;`, common in scraped pages) goes too
+   and `normalise` is idempotent.
 3. Canonical composition (NFC), so that a decomposed é equals a composed é.
 4. Whitespace: runs of spaces/tabs become one space, spaces around newlines go, three or
    more newlines become one blank line, and the ends are stripped.
@@ -87,13 +88,19 @@ def _newline_run(match: re.Match) -> str:
 
 
 def strip_html(text: str) -> str:
-    if "&" in text and _ENTITY.search(text):
-        text = html.unescape(text)
-    if "<" in text:
-        text = _SCRIPT_STYLE.sub("", text)
-        text = _BLOCK_TAG.sub("\n", text)
-        text = _INLINE_TAG.sub("", text)
-    return text
+    """Entities unescaped and markup removed, repeated until nothing changes (each round
+    that changes the text shortens it, so this ends)."""
+    while True:
+        stripped = text
+        if "&" in stripped and _ENTITY.search(stripped):
+            stripped = html.unescape(stripped)
+        if "<" in stripped:
+            stripped = _SCRIPT_STYLE.sub("", stripped)
+            stripped = _BLOCK_TAG.sub("\n", stripped)
+            stripped = _INLINE_TAG.sub("", stripped)
+        if stripped == text:
+            return text
+        text = stripped
 
 
 def normalise(text: str) -> str:
