@@ -149,9 +149,10 @@ def test_resume_after_sigkill_gives_the_identical_loss_at_every_step(dataset, tm
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_compute_what_one_process_does(dataset, tmp_path):
+def test_two_ddp_processes_compute_what_one_process_does(dataset, tmp_path, cli):
     """Same global batch, same gradient: the loss is normalised by the global token count.
-    Dropout is off: each process draws its own dropout masks, so only then do they agree."""
+    Dropout is off: each process draws its own dropout masks, so only then do they agree.
+    Resuming the two-process run in one process is refused."""
     no_dropout = ("--set", "model.dropout=0.0")
     one = cpmctl("-q", "train", "--recipe", recipe(tmp_path, dataset, "one", steps=8),
                  *no_dropout)
@@ -166,6 +167,9 @@ def test_two_ddp_processes_compute_what_one_process_does(dataset, tmp_path):
     assert open_artifact(tmp_path / "run-two", "run").meta["world_size"] == 2
     for x, y in zip(metrics(tmp_path / "run-one"), metrics(tmp_path / "run-two"), strict=True):
         assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    (tmp_path / "run-two" / "cpm-artifact.json").unlink()  # as if killed after its checkpoint
+    again = cli("train", "--recipe", tmp_path / "two.toml", "--resume", *no_dropout)
+    assert again.code == 2 and "was written by 2 processes; resuming with 1" in again.err
 
 
 def test_bad_input(dataset, tmp_path, cli):

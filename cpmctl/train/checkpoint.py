@@ -275,12 +275,18 @@ def load_checkpoint(path: str | Path, model: nn.Module,
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CpmError(f"{folder / OPTIMIZER_JSON}: does not fit this optimizer "
                            f"({exc})") from None
+    return read_trainer_state(folder)
+
+
+def read_trainer_state(folder: str | Path) -> dict:
+    """A checkpoint's trainer_state.json."""
+    path = Path(folder) / TRAINER_STATE
     try:
-        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CpmError(f"{folder / TRAINER_STATE}: unreadable ({exc})") from None
+        raise CpmError(f"{path}: unreadable ({exc})") from None
     if not isinstance(state, dict):
-        raise CpmError(f"{folder / TRAINER_STATE}: must be a JSON object")
+        raise CpmError(f"{path}: must be a JSON object")
     return state
 
 

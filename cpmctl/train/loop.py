@@ -37,6 +37,7 @@ from cpmctl.tokenizer import from_folder
 from cpmctl.train.checkpoint import (
     check_world_size,
     find_resumable,
+    read_trainer_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -133,6 +134,12 @@ class Trainer:
         model = self._initial_model()
         if recipe.engine.activation_checkpointing:
             checkpoint_activations(model)
+        # NOTE: found before the engine starts (DeepSpeed's start takes seconds), so a resume
+        # with the wrong number of processes is refused first
+        self.checkpoint = find_resumable(self.run_dir) if resume else None
+        if self.checkpoint is not None:
+            check_world_size(read_trainer_state(self.checkpoint), self.processes.world_size,
+                             self.checkpoint)
         self.engine = build_engine(model, recipe, self.processes)
         self.model = self.engine.module
         self.step, self.consumed = 0, 0
@@ -189,17 +196,15 @@ class Trainer:
         return model
 
     def _restore(self) -> None:
-        checkpoint = find_resumable(self.run_dir)
-        if checkpoint is None:
+        if self.checkpoint is None:
             info(f"{self.run_dir}: no checkpoint yet; starting from step 0")
             return
-        state = self.engine.restore(checkpoint, self._probe_loss)
-        check_world_size(state, self.processes.world_size, checkpoint)
+        state = self.engine.restore(self.checkpoint, self._probe_loss)
         self.step, self.consumed = state["step"], state["consumed_samples"]
         by_rank = state.get("rng_by_rank")
         set_rng_state(by_rank[self.processes.rank] if by_rank else state["rng"])
         self._truncate_metrics(self.step)
-        info(f"resuming {self.run_dir} from {checkpoint.name} (step {self.step})")
+        info(f"resuming {self.run_dir} from {self.checkpoint.name} (step {self.step})")
 
     def _probe_loss(self) -> torch.Tensor:
         """The loss of the next micro-batch (an engine's restore may need one real step)."""
