@@ -29,6 +29,7 @@
 #define COLS 32       /* inputs per slice: one 256-bit load, widened to 32 int16 */
 #define FLUSH 256     /* slices between int32 -> fp32 moves */
 #define PREFETCH 512  /* bytes ahead of the slice being read */
+#define TINY 1e-30f   /* the smallest max |x| of a row that is not taken for zeros */
 
 int cpmctl_int8_layout(int which) { return which == 0 ? ROWS : COLS; }
 
@@ -48,7 +49,8 @@ static inline uint16_t float_to_bf16(float value) {  /* round to nearest even */
 }
 
 /* xq[m] = round(x[m] / xscale[m]) with xscale[m] = max|x[m]| / 32767; padded with zeros to kp.
- * A row holding inf or NaN gets a NaN scale, which makes its outputs NaN. */
+ * A row holding inf or NaN gets a NaN scale, which makes its outputs NaN; a row below TINY
+ * (where 32767 / max|x| would overflow) counts as zeros. */
 static void quantize_rows(const uint16_t *x, int m_rows, int k, int kp, int16_t *xq,
                           float *xscale, int threads) {
     #pragma omp parallel for num_threads(threads) if (m_rows >= 4 * threads)
@@ -62,12 +64,12 @@ static void quantize_rows(const uint16_t *x, int m_rows, int k, int kp, int16_t 
             largest = fmaxf(largest, size);
         }
         int16_t *out = xq + (size_t)m * kp;
-        if (!finite) {
-            xscale[m] = NAN;
+        if (!finite || largest < TINY) {
+            xscale[m] = finite ? 0.0f : NAN;
             memset(out, 0, (size_t)kp * sizeof *out);
             continue;
         }
-        float scale = largest > 0.0f ? largest / 32767.0f : 1.0f, inverse = 1.0f / scale;
+        float scale = largest / 32767.0f, inverse = 1.0f / scale;
         xscale[m] = scale;
         for (int i = 0; i < k; i++) out[i] = (int16_t)lrintf(bf16_to_float(row[i]) * inverse);
         for (int i = k; i < kp; i++) out[i] = 0;
