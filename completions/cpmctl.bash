@@ -3,8 +3,9 @@
 _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for path $1
     case "$1" in
         '') subs='bench completion data generate model quickstart tokenizer train' opts='--debug --quiet -q --version --help -h' takes='' ;;
-        bench) subs='data speed train' opts='--help -h' takes='' ;;
+        bench) subs='data perplexity speed train' opts='--help -h' takes='' ;;
         'bench data') subs='' opts='--workers --repeat --json --help -h' takes='--workers --repeat' ;;
+        'bench perplexity') subs='' opts='--model -m --dataset -d --split --max-tokens --window --precisions --json --help -h' takes='--model -m --dataset -d --split --max-tokens --window --precisions' ;;
         'bench speed') subs='' opts='--tokenizer -t --corpus --workers --model -m --recipe -r --precisions --batches --prompt-tokens --new-tokens --device --threads --baseline --no-baseline --repeat --json --help -h' takes='--tokenizer -t --corpus --workers --model -m --recipe -r --precisions --batches --prompt-tokens --new-tokens --device --threads --repeat' ;;
         'bench train') subs='' opts='--recipe -r --set --steps --json --help -h' takes='--recipe -r --set --steps' ;;
         completion) subs='' opts='--help -h' takes='' ;;

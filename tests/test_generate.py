@@ -15,6 +15,9 @@ import torch
 
 from cpmctl.cli.generate import one_line
 from cpmctl.data.build import BuildSettings, build_corpus
+from cpmctl.data.samples import open_dataset
+from cpmctl.data.tokenize import tokenize_corpus
+from cpmctl.infer import load_for_inference, perplexity
 from cpmctl.infer.int8_kernel import kernel_name
 from cpmctl.models import ModelConfig, build_model
 from cpmctl.models.artifact import save_model
@@ -44,6 +47,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
         out[arch] = save_model(folder / arch, build_model(cfg), cfg, folder / scheme, meta={},
                                command=["test"])
     return out
+
+
+@pytest.fixture(scope="module")
+def datasets(models) -> dict[str, Path]:
+    """The fixture corpus tokenized with each model's tokenizer: {"cpm1": ..., "cpm2": ...}."""
+    folder = models["gpt"].parent
+    for scheme in ("cpm1", "cpm2"):
+        tokenize_corpus(folder / "corpus", folder / scheme, folder / f"dataset-{scheme}",
+                        valid_fraction=0.2, command=["test"])
+    return {scheme: folder / f"dataset-{scheme}" for scheme in ("cpm1", "cpm2")}
 
 
 def feed(monkeypatch, data: bytes) -> None:
@@ -192,3 +205,39 @@ def test_bench_speed_times_every_precision_against_transformers(models, cli):
                           (("--recipe", "tiny-gpt"), "--model and --recipe: give one")):
         bad = cli("bench", "speed", "--model", str(models["gpt"]), *args)
         assert bad.code == 2 and message in bad.err, bad.err
+
+
+def test_bench_perplexity_compares_precisions_with_bf16(models, datasets, cli):
+    """The figure is the library's perplexity of the prepared model on the split's ids."""
+    result = cli("bench", "perplexity", "-m", models["gpt"], "-d", datasets["cpm1"],
+                 "--max-tokens", "2000", "--window", "32", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [r["precision"] for r in report["runs"]] == ["fp32", "bf16", "int8"]
+    assert report["window"] == 32 and report["tokens"] == 2000
+    ids = torch.from_numpy(open_dataset(datasets["cpm1"], "valid").read(0, 2000))
+    fp32 = perplexity(load_for_inference(models["gpt"])[0], ids, window=32, batch_size=8)
+    assert report["runs"][0]["perplexity"] == pytest.approx(fp32, rel=1e-6)
+    bf16, int8 = report["runs"][1]["perplexity"], report["runs"][2]["perplexity"]
+    assert report["runs"][2]["vs_bf16"] == pytest.approx(int8 / bf16 - 1)
+    assert report["runs"][2]["int8_kernel"] == kernel_name()
+    target = report["targets"]["int8 within 2% of bf16"]
+    assert target["met"] == (abs(int8 / bf16 - 1) <= 0.02)
+    table = cli("bench", "perplexity", "-m", models["gpt"], "-d", datasets["cpm1"],
+                "--max-tokens", "2000", "--precisions", "bf16,int8")
+    assert table.code == 0 and "target int8 within 2% of bf16:" in table.out
+
+
+@pytest.mark.parametrize(("which", "args", "message"), [
+    ("gpt", ("-d", "cpm2"), "was tokenized with another tokenizer than"),
+    ("encdec", ("-d", "cpm2"), "perplexity is measured on gpt models"),
+    ("gpt", ("-d", "cpm1", "--split", "test"), "has no split 'test' (available: train, valid)"),
+    ("gpt", ("-d", "cpm1", "--precisions", "fp16"), "--precisions: expected some of"),
+    ("gpt", ("-d", "corpus"), "is a corpus; --dataset needs a dataset"),
+])
+def test_bench_perplexity_bad_input(models, datasets, cli, which, args, message):
+    names = {"cpm1": datasets["cpm1"], "cpm2": datasets["cpm2"],
+             "corpus": models["gpt"].parent / "corpus"}
+    args = [names.get(a, a) for a in args]
+    result = cli("bench", "perplexity", "-m", models[which], *args)
+    assert result.code == 2 and message in result.err, result.err

@@ -33,7 +33,6 @@ from cpmctl.errors import CpmError
 
 TARGETS = {"fp32": ("fp32", 1.05), "bf16": ("bf16", 1.5), "int8": ("bf16", 3.0)}
 """Ours in precision P against transformers in precision B: at least the ratio (batch 1)."""
-PRECISIONS = ("fp32", "bf16", "int8")
 
 
 # ------------------------------------------------------------------- one measurement
@@ -43,11 +42,11 @@ def _our_model(spec: dict) -> tuple[nn.Module, int, int]:
     """(model ready for generation, pad id, weight bytes) from a model artifact or a recipe's
     shape. The bytes are counted before preparing: packed weights are opaque tensors."""
     from cpmctl.infer import prepare_for_inference
+    from cpmctl.infer.load import PRECISIONS
     from cpmctl.models.artifact import TOKENIZER_DIR, load_model
     from cpmctl.tokenizer import from_folder
 
-    dtype = "fp32" if spec["precision"] == "fp32" else "bf16"
-    quantize = "int8" if spec["precision"] == "int8" else None
+    settings = PRECISIONS[spec["precision"]]
     pad_id = 0
     if spec.get("model"):
         model = load_model(spec["model"])[0]
@@ -56,9 +55,9 @@ def _our_model(spec: dict) -> tuple[nn.Module, int, int]:
             pad_id = from_folder(tokenizer).pad_id
     else:
         model = _random_model(spec)
-    weights = _weight_bytes(model) // (2 if dtype == "bf16" else 1)
-    model = prepare_for_inference(model, dtype=dtype, quantize=quantize, device=spec["device"])
-    return model, pad_id, _weight_bytes(model) if quantize else weights
+    weights = _weight_bytes(model) // (2 if settings["dtype"] == "bf16" else 1)
+    model = prepare_for_inference(model, **settings, device=spec["device"])
+    return model, pad_id, _weight_bytes(model) if "quantize" in settings else weights
 
 
 def _random_model(spec: dict) -> nn.Module:

@@ -1,4 +1,4 @@
-"""`cpmctl bench ...`: data, speed, train."""
+"""`cpmctl bench ...`: data, speed, train, perplexity."""
 
 from __future__ import annotations
 
@@ -25,6 +25,16 @@ def _worker_counts(workers: str) -> list[int]:
     if counts[0] < 1:
         raise CpmError("--workers must be at least 1")
     return counts
+
+
+def _precisions(text: str) -> list[str]:
+    """--precisions: some of fp32, bf16, int8, comma-separated."""
+    from cpmctl.infer.load import PRECISIONS
+
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    if not chosen or any(p not in PRECISIONS for p in chosen):
+        raise CpmError(f"--precisions: expected some of {', '.join(PRECISIONS)}, got {text!r}")
+    return chosen
 
 
 def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple]) -> Console:
@@ -136,14 +146,10 @@ def speed(
 def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tokens, repeat,
                       device, threads, baseline, as_json) -> None:
     # NOTE: imported here: torch takes seconds to import and `import cpmctl.cli` stays free of it.
-    from cpmctl.bench.generation import PRECISIONS, bench_generation
+    from cpmctl.bench.generation import bench_generation
     from cpmctl.console import info
 
-    chosen = [p.strip() for p in precisions.split(",") if p.strip()]
-    unknown = [p for p in chosen if p not in PRECISIONS]
-    if unknown or not chosen:
-        raise CpmError(f"--precisions: expected some of {', '.join(PRECISIONS)}, "
-                       f"got {precisions!r}")
+    chosen = _precisions(precisions)
     sizes = _worker_counts(batches)  # the same parsing: positive integers
     if prompt_tokens < 1 or new_tokens < 1:
         raise CpmError("--prompt-tokens and --new-tokens must be at least 1")
@@ -173,6 +179,50 @@ def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tok
                       "PyTorch's)")
     for target, result in report["targets"].items():
         console.print(f"target {target}: {result['ratio']:.2f}x, "
+                      f"{'met' if result['met'] else 'NOT met'}")
+
+
+@app.command("perplexity")
+def perplexity(
+    model: Path = typer.Option(..., "--model", "-m", help="A gpt model artifact."),
+    dataset: Path = typer.Option(..., "--dataset", "-d",
+                                 help="A dataset tokenized with the model's tokenizer."),
+    split: str = typer.Option("valid", help="The dataset split to score."),
+    max_tokens: int = typer.Option(100_000, help="Score the split's first N tokens."),
+    window: int = typer.Option(0, help="Tokens of context per window (0: the model's)."),
+    precisions: str = typer.Option("fp32,bf16,int8", "--precisions",
+                                   help="fp32, bf16, int8 (comma-separated)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Perplexity of a gpt model on held-out tokens in fp32, bf16 and int8, each as `cpmctl
+    generate` runs it, against bf16 in the same run (target: int8 within 2%).
+
+    Example: cpmctl bench perplexity -m quickstart/runs/tiny-gpt/final -d quickstart/dataset
+    """
+    from cpmctl.bench.perplexity import bench_perplexity
+    from cpmctl.console import info
+
+    chosen = _precisions(precisions)
+    if max_tokens < 2 or window < 0:
+        raise CpmError("--max-tokens must be at least 2 and --window at least 0")
+    report = bench_perplexity(model=str(model), dataset=str(dataset), split=split,
+                              max_tokens=max_tokens, window=window or None, precisions=chosen,
+                              progress=lambda what: info(f"scoring {what}"))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    rows = [(r["precision"], f"{r['perplexity']:.3f}",
+             f"{r['vs_bf16']:+.2%}" if "vs_bf16" in r else "", f"{r['seconds']:.1f}")
+            for r in report["runs"]]
+    console = _print_table(
+        f"{report['model']} on {report['tokens']:,} tokens of {report['dataset']} "
+        f"({report['split']}), windows of {report['window']}",
+        ("precision", "perplexity", "vs bf16", "seconds"), rows)
+    kernels = [r["int8_kernel"] for r in report["runs"] if "int8_kernel" in r]
+    if kernels:
+        console.print(f"int8 matmuls: {kernels[0]}")
+    for target, result in report["targets"].items():
+        console.print(f"target {target}: {result['change']:+.2%}, "
                       f"{'met' if result['met'] else 'NOT met'}")
 
 

@@ -54,9 +54,11 @@ class TokenStream:
         return out
 
 
-def open_dataset(path: str | Path, split: str = "train") -> TokenStream:
-    """Open one split of a dataset artifact, memory-mapping its parts (nothing is loaded)."""
-    artifact = open_artifact(path, "dataset", option="[data] dataset")
+def open_dataset(path: str | Path, split: str = "train", *,
+                 option: str = "[data] dataset") -> TokenStream:
+    """Open one split of a dataset artifact, memory-mapping its parts (nothing is loaded);
+    `option` names where the path came from in errors."""
+    artifact = open_artifact(path, "dataset", option=option)
     meta = artifact.meta
     splits = meta.get("splits", {})
     folder = artifact.path / split

@@ -25,6 +25,9 @@ from cpmctl.tokenizer import Tokenizer, from_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUANTIZATIONS = ("int8",)
+PRECISIONS = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"},
+              "int8": {"dtype": "bf16", "quantize": "int8"}}
+"""The precisions the benchmarks compare, by name, as prepare_for_inference's arguments."""
 
 
 def resolve_device(device: str) -> torch.device:
