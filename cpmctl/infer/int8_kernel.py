@@ -3,16 +3,18 @@
 Why not only PyTorch's kernel: `torch._weight_int8pack_mm` converts every weight to fp32
 before its multiply-add and reads four rows at once in short strides; on CPM-Small's decoding
 step (49 matmuls, 108 MB of int8 weights) it reached 15 GB/s on 2 cores here, while the memory
-delivers ~50 GB/s. The C kernel widens each weight once to int16 and multiplies it with
-VPDPWSSD (32 products per instruction) against activations quantized to int16 on the fly, from
-a layout read front to back (pack()): 30-38 GB/s on the same step, 2x PyTorch's kernel.
+delivers ~50 GB/s. The C kernel widens each weight once to int16 and multiplies it with integer
+dot-product instructions (AVX-512 VNNI: 32 products per instruction; AVX2 everywhere else on
+x86-64) against activations quantized to int16 on the fly, from a layout read front to back
+(pack()): 30-38 GB/s on the same step with AVX-512 VNNI, 2x PyTorch's kernel.
 
-The library is built with the C compiler ($CC, else cc) for `-march=native` into
-$XDG_CACHE_HOME/cpmctl/kernels (~/.cache by default), named by a hash of the source and of the
-CPU, and loaded with ctypes; it runs its threads in the OpenMP runtime PyTorch has already
-loaded (the same libgomp), as many as `torch.get_num_threads()`. Where there is no compiler,
-no AVX-512 VNNI, or the build fails, `library()` is None and quantize.py uses PyTorch's kernel;
-`CPMCTL_INT8_KERNEL=torch` forces that (to compare the two).
+The library is built with the C compiler ($CC, else cc) for `-march=native` (or
+$CPMCTL_INT8_MARCH, e.g. x86-64-v3 for a cluster's oldest CPUs) into
+$XDG_CACHE_HOME/cpmctl/kernels (~/.cache by default), named by a hash of the source, the flags
+and the CPU, and loaded with ctypes; it runs its threads in the OpenMP runtime PyTorch has
+already loaded (the same libgomp), as many as `torch.get_num_threads()`. Where there is no
+compiler, no AVX2, or the build fails, `library()` is None and quantize.py uses PyTorch's
+kernel; `CPMCTL_INT8_KERNEL=torch` forces that (to compare the two).
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("int8_matmul.c")
-KERNEL_ENV = "CPMCTL_INT8_KERNEL"
-NATIVE, TORCH = "cpmctl avx512-vnni", "torch _weight_int8pack_mm"
+KERNEL_ENV, MARCH_ENV = "CPMCTL_INT8_KERNEL", "CPMCTL_INT8_MARCH"
+TORCH = "torch _weight_int8pack_mm"
 
 
 def kernel_name() -> str:
-    """Which kernel int8 layers made now will run: NATIVE or TORCH."""
-    return NATIVE if library() is not None else TORCH
+    """Which kernel int8 layers made now will run: "cpmctl <variant>" (avx512-vnni, avx-vnni,
+    avx2) or TORCH."""
+    lib = library()
+    return TORCH if lib is None else f"cpmctl {lib.cpmctl_int8_variant().decode()}"
 
 
 @functools.cache
@@ -56,6 +60,7 @@ def library() -> ctypes.CDLL | None:
     except OSError:  # a damaged file: PyTorch's kernel this time, a fresh build next time
         path.unlink(missing_ok=True)
         return None
+    lib.cpmctl_int8_variant.restype = ctypes.c_char_p
     lib.cpmctl_int8_matmul.restype = ctypes.c_int
     lib.cpmctl_int8_matmul.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
@@ -67,10 +72,15 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpmctl" / "kernels"
 
 
+def _march() -> str:
+    return os.environ.get(MARCH_ENV) or "native"
+
+
 def _build_key(compiler: str) -> str:
-    """A hash of what the binary depends on: the source, the compiler, the CPU's features."""
+    """A hash of what the binary depends on: the source, the compiler and its target, the CPU's
+    features."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(compiler.encode())
+    digest.update(f"{compiler}\0{_march()}".encode())
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
         digest.update("".join(line for line in cpuinfo
@@ -82,7 +92,7 @@ def _build_key(compiler: str) -> str:
 
 def _build(compiler: str, path: Path) -> bool:
     """Compile into a temporary file beside `path`, then rename: a process that finds `path`
-    finds a whole library. False when the compiler refuses (no AVX-512 VNNI, no OpenMP)."""
+    finds a whole library. False when the compiler refuses (no AVX2, no OpenMP)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=path.parent, suffix=".so.partial")
@@ -91,7 +101,7 @@ def _build(compiler: str, path: Path) -> bool:
         return False
     try:
         done = subprocess.run(
-            [compiler, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", str(SOURCE),
+            [compiler, "-O3", f"-march={_march()}", "-fopenmp", "-fPIC", "-shared", str(SOURCE),
              "-o", temporary], capture_output=True)
         if done.returncode == 0:
             os.replace(temporary, path)

@@ -1,6 +1,6 @@
 /* y = x @ (scale[:, None] * w).T + bias: int8 weights, bf16 activations, for x86 CPUs with
- * AVX-512 BW and VNNI. Built on first use by cpmctl/infer/int8_kernel.py, which explains why it
- * exists; this file is only the arithmetic.
+ * AVX-512 BW + VNNI, or AVX2 (with AVX-VNNI where present). Built on first use by
+ * cpmctl/infer/int8_kernel.py, which explains why it exists; this file is only the arithmetic.
  *
  * The weights come packed (int8_kernel.pack): blocks of ROWS output channels, and inside a
  * block the input dimension in slices of COLS: [N/ROWS][K/COLS][ROWS][COLS] int8, zero-padded.
@@ -9,11 +9,11 @@
  *
  * Each row of x is quantized on the fly to int16 against its own max |x| (15 bits of precision
  * per row, finer than bf16's 8-bit mantissa for all but far-from-max values), so that the
- * product is an integer dot product: VPDPWSSD multiplies 32 int16 pairs and adds them to 16
- * int32 lanes in one instruction, the int8 weights widened by one VPMOVSXBW. One weight times
- * one activation is at most 127 * 32767 < 2^22, and a lane adds two of them per slice: the
- * int32 lanes are moved to fp32 every FLUSH = 256 slices (512 products < 2^31), so they never
- * overflow.
+ * product is an integer dot product of int16 pairs into int32 lanes: one VPDPWSSD (AVX-512
+ * VNNI: 32 pairs, 16 lanes; AVX-VNNI: 16 pairs, 8 lanes) or VPMADDWD + VPADDD (AVX2), the int8
+ * weights widened by one VPMOVSXBW. One weight times one activation is at most 127 * 32767 <
+ * 2^22, so a lane may add 512 of them (< 2^31): the int32 lanes are moved to fp32 every FLUSH
+ * slices, before that, and never overflow.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -21,17 +21,66 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
-#error "the int8 kernel needs AVX-512 BW and VNNI"
-#endif
-
 #define ROWS 4        /* output channels per packed block */
-#define COLS 32       /* inputs per slice: one 256-bit load, widened to 32 int16 */
-#define FLUSH 256     /* slices between int32 -> fp32 moves */
+#define COLS 32       /* inputs per slice */
 #define PREFETCH 512  /* bytes ahead of the slice being read */
 #define TINY 1e-30f   /* the smallest max |x| of a row that is not taken for zeros */
 
+/* The vector back-end: ivec holds STEP int16 (as int32 lanes after a dot), fvec as many fp32
+ * lanes; widen() loads STEP int8 as int16, dot() adds the pairwise products to int32 lanes. */
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define VARIANT "avx512-vnni"
+#define STEP 32
+typedef __m512i ivec;
+typedef __m512 fvec;
+static inline ivec izero(void) { return _mm512_setzero_si512(); }
+static inline fvec fzero(void) { return _mm512_setzero_ps(); }
+static inline ivec load16(const int16_t *p) { return _mm512_loadu_si512(p); }
+static inline ivec widen(const int8_t *p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline ivec dot(ivec acc, ivec x, ivec w) { return _mm512_dpwssd_epi32(acc, x, w); }
+static inline fvec add_lanes(fvec sum, ivec lanes) {
+    return _mm512_add_ps(sum, _mm512_cvtepi32_ps(lanes));
+}
+static inline float total(fvec sum) { return _mm512_reduce_add_ps(sum); }
+#elif defined(__AVX2__)
+#define STEP 16
+typedef __m256i ivec;
+typedef __m256 fvec;
+static inline ivec izero(void) { return _mm256_setzero_si256(); }
+static inline fvec fzero(void) { return _mm256_setzero_ps(); }
+static inline ivec load16(const int16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline ivec widen(const int8_t *p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+#if defined(__AVXVNNI__)
+#define VARIANT "avx-vnni"
+static inline ivec dot(ivec acc, ivec x, ivec w) { return _mm256_dpwssd_avx_epi32(acc, x, w); }
+#else
+#define VARIANT "avx2"
+static inline ivec dot(ivec acc, ivec x, ivec w) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w));
+}
+#endif
+static inline fvec add_lanes(fvec sum, ivec lanes) {
+    return _mm256_add_ps(sum, _mm256_cvtepi32_ps(lanes));
+}
+static inline float total(fvec sum) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+#else
+#error "the int8 kernel needs AVX2 or AVX-512 BW + VNNI"
+#endif
+
+/* A vector has STEP / 2 int32 lanes, so a lane adds COLS / (STEP / 2) products per slice: 2
+ * (AVX-512) or 4 (AVX2), and at most 512 between flushes. */
+#define FLUSH (512 / (COLS / (STEP / 2)))
+
 int cpmctl_int8_layout(int which) { return which == 0 ? ROWS : COLS; }
+const char *cpmctl_int8_variant(void) { return VARIANT; }
 
 static inline float bf16_to_float(uint16_t bits) {
     uint32_t wide = (uint32_t)bits << 16;
@@ -77,38 +126,38 @@ static void quantize_rows(const uint16_t *x, int m_rows, int k, int kp, int16_t 
 }
 
 /* Rows m .. m+MT-1 of y for the ROWS channels of one packed block. MT is 1 or 2: two rows share
- * each widened weight, and 2 x ROWS int32 + 2 x ROWS fp32 accumulators fit the 32 registers. */
+ * each widened weight, and 2 x ROWS accumulators plus the weights fit the registers. */
 static inline __attribute__((always_inline)) void block_rows(
         const int8_t *block, const int16_t *xq, const float *xscale, int m, const int mt,
         int kp, int n0, int n, const float *scale, const float *bias, uint16_t *y) {
     const int slices = kp / COLS;
-    __m512 sums[2][ROWS];
+    fvec sums[2][ROWS];
     for (int i = 0; i < mt; i++)
-        for (int r = 0; r < ROWS; r++) sums[i][r] = _mm512_setzero_ps();
+        for (int r = 0; r < ROWS; r++) sums[i][r] = fzero();
     for (int first = 0; first < slices; first += FLUSH) {
         const int last = first + FLUSH < slices ? first + FLUSH : slices;
-        __m512i dots[2][ROWS];
+        ivec dots[2][ROWS];
         for (int i = 0; i < mt; i++)
-            for (int r = 0; r < ROWS; r++) dots[i][r] = _mm512_setzero_si512();
+            for (int r = 0; r < ROWS; r++) dots[i][r] = izero();
         for (int s = first; s < last; s++) {
             const int8_t *slice = block + (size_t)s * ROWS * COLS;
             _mm_prefetch((const char *)slice + PREFETCH, _MM_HINT_T0);
             _mm_prefetch((const char *)slice + PREFETCH + 64, _MM_HINT_T0);
-            __m512i w[ROWS];
-            for (int r = 0; r < ROWS; r++)
-                w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(slice + r * COLS)));
-            for (int i = 0; i < mt; i++) {
-                __m512i xs = _mm512_loadu_si512(xq + (size_t)(m + i) * kp + (size_t)s * COLS);
-                for (int r = 0; r < ROWS; r++) dots[i][r] = _mm512_dpwssd_epi32(dots[i][r], xs, w[r]);
+            for (int c = 0; c < COLS; c += STEP) {
+                ivec w[ROWS];
+                for (int r = 0; r < ROWS; r++) w[r] = widen(slice + r * COLS + c);
+                for (int i = 0; i < mt; i++) {
+                    ivec xs = load16(xq + (size_t)(m + i) * kp + (size_t)s * COLS + c);
+                    for (int r = 0; r < ROWS; r++) dots[i][r] = dot(dots[i][r], xs, w[r]);
+                }
             }
         }
         for (int i = 0; i < mt; i++)
-            for (int r = 0; r < ROWS; r++)
-                sums[i][r] = _mm512_add_ps(sums[i][r], _mm512_cvtepi32_ps(dots[i][r]));
+            for (int r = 0; r < ROWS; r++) sums[i][r] = add_lanes(sums[i][r], dots[i][r]);
     }
     for (int i = 0; i < mt; i++)
         for (int r = 0; r < ROWS && n0 + r < n; r++) {
-            float value = _mm512_reduce_add_ps(sums[i][r]) * xscale[m + i] * scale[n0 + r];
+            float value = total(sums[i][r]) * xscale[m + i] * scale[n0 + r];
             if (bias) value += bias[n0 + r];
             y[(size_t)(m + i) * n + n0 + r] = float_to_bf16(value);
         }

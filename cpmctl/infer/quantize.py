@@ -5,8 +5,8 @@ with one fp scale per output channel (symmetric: scale = max|w| / 127 over the r
 q), activations in bf16. The weights take half of bf16's memory and cross the memory bus at one
 byte each. Two kernels run the matmul, chosen when the layer is made:
 
-- cpmctl's own (int8_kernel.py), where it builds: a packed weight layout, integer dot products
-  on AVX-512 VNNI; ~2x PyTorch's kernel on CPM-Small's decoding step here.
+- cpmctl's own (int8_kernel.py), where it builds (x86-64 with AVX2 and a C compiler): a packed
+  weight layout, integer dot products; ~2x PyTorch's kernel on CPM-Small's decoding step here.
 - PyTorch's `torch._weight_int8pack_mm(x_bf16, w_int8, scales)` everywhere else.
 
 The rest of the model (embeddings, norms, MoE centroids) goes to bf16. GPT's head is tied to
@@ -41,7 +41,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.kernel = kernel
-        native = kernel == int8_kernel.NATIVE
+        native = kernel != int8_kernel.TORCH
         self.register_buffer("weight", int8_kernel.pack(q) if native else q)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
@@ -55,7 +55,7 @@ class Int8Linear(nn.Module):
         bf16 for PyTorch's, as each takes them), so the scales' own rounding adds no error.
         """
         kernel = int8_kernel.kernel_name()
-        dtype = torch.float32 if kernel == int8_kernel.NATIVE else torch.bfloat16
+        dtype = torch.bfloat16 if kernel == int8_kernel.TORCH else torch.float32
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127).to(dtype)
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
@@ -64,12 +64,12 @@ class Int8Linear(nn.Module):
 
     def int8_weight(self) -> torch.Tensor:
         """q as int8 [out, in], whatever the layout."""
-        if self.kernel == int8_kernel.NATIVE:
-            return int8_kernel.unpack(self.weight, self.out_features, self.in_features)
-        return self.weight
+        if self.kernel == int8_kernel.TORCH:
+            return self.weight
+        return int8_kernel.unpack(self.weight, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == int8_kernel.NATIVE:
+        if self.kernel != int8_kernel.TORCH:
             return int8_kernel.matmul(x, self.weight, self.scales, self.bias, self.out_features)
         shape = x.shape
         x = x.reshape(-1, shape[-1])
