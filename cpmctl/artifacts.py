@@ -58,6 +58,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object (a config, a trainer state); anything else is a one-line
+    error naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise CpmError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CpmError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise CpmError(f"{path}: must be a JSON object")
+    return data
+
+
 def digest_path(path: Path) -> str:
     """`sha256:...` of a file, or of a folder as the sorted (relative path, file digest) list."""
     path = Path(path)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..artifacts import ArtifactWriter, open_artifact
+from ..artifacts import ArtifactWriter, open_artifact, read_json_object
 from ..errors import CpmError
 from . import build_model
 from .config import ModelConfig, MoeConfig
@@ -136,12 +136,7 @@ def read_model_json(folder: str | Path) -> tuple[ModelConfig, dict[str, str]]:
     path = Path(folder) / MODEL_JSON
     if not path.is_file():
         raise CpmError(f"{Path(folder)}: {MODEL_JSON} is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise CpmError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CpmError(f"{path}: must be a JSON object")
+    data = read_json_object(path)
     fmt = data.get("format", MODEL_JSON_FORMAT)
     if not isinstance(fmt, int) or fmt > MODEL_JSON_FORMAT:
         raise CpmError(f"{path}: format {fmt!r} is newer than this cpmctl reads "

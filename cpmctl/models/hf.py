@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..artifacts import check_replaceable, move_into_place, temporary_sibling
+from ..artifacts import check_replaceable, move_into_place, read_json_object, temporary_sibling
 from ..errors import CpmError
 from ..tokenizer import from_folder
 from . import build_model
@@ -91,12 +91,7 @@ def read_hf_config(folder: Path) -> ModelConfig:
     where = folder / CONFIG
     if not where.is_file():
         raise CpmError(f"{folder}: no {CONFIG} (is it a Hugging Face model folder?)")
-    try:
-        config = json.loads(where.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CpmError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CpmError(f"{where}: must be a JSON object")
+    config = read_json_object(where)
     for key, expected in FIXED_OPTIONS.items():
         value = _value(config, key, (type(expected),), where, default=expected)
         if value != expected:

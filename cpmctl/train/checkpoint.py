@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..artifacts import MANIFEST, ArtifactWriter, open_artifact, verify
+from ..artifacts import MANIFEST, ArtifactWriter, open_artifact, read_json_object, verify
 from ..console import warn
 from ..errors import CpmError
 from ..models.artifact import (
@@ -280,14 +280,7 @@ def load_checkpoint(path: str | Path, model: nn.Module,
 
 def read_trainer_state(folder: str | Path) -> dict:
     """A checkpoint's trainer_state.json."""
-    path = Path(folder) / TRAINER_STATE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CpmError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(state, dict):
-        raise CpmError(f"{path}: must be a JSON object")
-    return state
+    return read_json_object(Path(folder) / TRAINER_STATE)
 
 
 def check_world_size(trainer_state: dict, world_size: int,
