@@ -1,4 +1,4 @@
-"""The artifact layout: the contract between commands (ARCHITECTURE §2).
+"""The artifact layout: the contract between commands (docs/design.md §2).
 
 An artifact is a directory with `cpm-artifact.json` at its root. A command builds its output
 in a hidden sibling directory and renames it into place only when complete, writing the
@@ -10,16 +10,17 @@ manifest last, so an interrupted command never leaves something that looks finis
         writer.commit(meta={...})
 
 Readers open artifacts with `open_artifact(path, expect=("model", "checkpoint"), option="--model")`,
-which checks kind and format and fails with a message that says what was expected.
+which checks kind, format and the manifest's structure (every `files` entry a plain path inside
+the artifact: folders.member) and fails with a message that says what was expected.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from cpmctl import __version__
 from cpmctl.errors import CpmError
+from cpmctl.folders import LOCK_FILE, FolderLock, clear_folder, make_parent, member
 
 MANIFEST = "cpm-artifact.json"
 
@@ -44,6 +46,7 @@ FORMATS: dict[str, int] = {
 }
 
 _HASH_BLOCK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 #: The command line recorded in manifests; `cpmctl.cli.main` sets it to the arguments it runs.
 invocation: list[str] = ["cpmctl", *sys.argv[1:]]
@@ -96,7 +99,8 @@ class Artifact:
     manifest: dict = field(default_factory=dict)
 
     def file(self, relative: str) -> Path:
-        return self.path / relative
+        """A file of the artifact, by its path relative to it (checked to stay inside)."""
+        return member(self.path, relative, str(self.path / MANIFEST))
 
     @property
     def digest(self) -> str:
@@ -127,11 +131,14 @@ def open_artifact(
             f"{path} is not a cpmctl artifact (no {MANIFEST}; an interrupted command leaves none)"
         )
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        kind, fmt = manifest["kind"], manifest["format"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CpmError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    if kind not in FORMATS:
+        manifest = read_json_object(manifest_path)
+    except CpmError as exc:
+        raise CpmError(f"{manifest_path}: unreadable manifest "
+                       f"({str(exc).removeprefix(f'{manifest_path}: ')})") from None
+    if "kind" not in manifest or "format" not in manifest:
+        raise CpmError(f"{manifest_path}: unreadable manifest (no 'kind' or 'format')")
+    kind, fmt = manifest["kind"], manifest["format"]
+    if not isinstance(kind, str) or kind not in FORMATS:
         raise CpmError(f"{manifest_path}: unknown artifact kind {kind!r}")
     if expect is not None:
         expect = (expect,) if isinstance(expect, str) else tuple(expect)
@@ -139,20 +146,42 @@ def open_artifact(
             raise CpmError(
                 f"{path} is {_article(kind)} {kind}; {option} needs {_describe_expected(expect)}"
             )
-    if not isinstance(fmt, int) or fmt > FORMATS[kind]:
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > FORMATS[kind]:
         raise CpmError(
-            f"{path}: {kind} format {fmt} is newer than this cpmctl reads "
+            f"{path}: {kind} format {fmt!r} is newer than this cpmctl reads "
             f"(format {FORMATS[kind]}); upgrade cpmctl"
         )
-    return Artifact(
-        path=path,
-        kind=kind,
-        format=fmt,
-        meta=manifest.get("meta", {}),
-        files=manifest.get("files", {}),
-        inputs=manifest.get("inputs", []),
-        manifest=manifest,
-    )
+    return Artifact(path=path, kind=kind, format=fmt,
+                    meta=_field(manifest, "meta", dict, manifest_path),
+                    files=_checked_files(path, manifest),
+                    inputs=_field(manifest, "inputs", list, manifest_path), manifest=manifest)
+
+
+def _field(manifest: dict, key: str, kind: type, where: Path):
+    value = manifest.get(key, kind())
+    if not isinstance(value, kind):
+        wanted = "object" if kind is dict else "array"
+        raise CpmError(f"{where}: '{key}' must be a JSON {wanted}, got {type(value).__name__}")
+    return value
+
+
+def _checked_files(path: Path, manifest: dict) -> dict[str, dict]:
+    """The manifest's `files` table, every entry a path inside the artifact with a size and a
+    digest; anything else is a CpmError naming the manifest and the entry."""
+    where = str(path / MANIFEST)
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise CpmError(f"{where}: 'files' must be a JSON object of path -> "
+                       f"{{bytes, sha256}}, got {type(files).__name__}")
+    for relative, entry in files.items():
+        member(path, relative, where)
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if (not isinstance(size, int) or isinstance(size, bool) or size < 0
+                or not isinstance(digest, str) or not _SHA256.fullmatch(digest)):
+            raise CpmError(f"{where}: files[{relative!r}] must be {{\"bytes\": a size, "
+                           "\"sha256\": 64 hex digits}}")
+    return files
 
 
 def verify(artifact: Artifact) -> list[str]:
@@ -160,7 +189,9 @@ def verify(artifact: Artifact) -> list[str]:
     problems = []
     for relative, entry in sorted(artifact.files.items()):
         path = artifact.file(relative)
-        if not path.is_file():
+        if path.is_symlink():
+            problems.append(f"{relative}: a symlink, not the file the manifest lists")
+        elif not path.is_file():
             problems.append(f"{relative}: missing")
         elif path.stat().st_size != entry["bytes"]:
             size = path.stat().st_size
@@ -180,49 +211,75 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def check_replaceable(out: Path, force: bool, marker: str = MANIFEST,
-                      what: str = "a cpmctl artifact") -> None:
-    """Refuse an existing `out` without `force`, and even with it a folder without `marker`.
+def is_artifact(folder: Path) -> bool:
+    """Whether `folder` holds a manifest cpmctl wrote (one that opens as an artifact)."""
+    try:
+        open_artifact(folder)
+    except CpmError:
+        return False
+    return True
 
-    NOTE: --force replaces what cpmctl wrote (artifacts, and for `model convert --to hf` a
-    folder with a config.json), never a folder of the user's own files.
+
+def check_replaceable(out: Path, force: bool, owned=is_artifact,
+                      what: str = "a cpmctl artifact") -> None:
+    """Refuse an existing `out` without `force`, and even with it anything `owned` does not
+    recognise as cpmctl's own output (by default: an artifact, identified by its manifest).
+
+    NOTE: --force replaces what cpmctl wrote, never a folder of the user's own files.
     """
-    if out.exists() and not force:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
         raise CpmError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not (out / marker).is_file():
+    if out.is_symlink() or not out.is_dir() or not owned(out):
         raise CpmError(f"{out} exists and is not {what}; refusing to replace it")
 
 
+def _stale_temporaries(out: Path) -> list[tuple[Path, int]]:
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(\d+)-[0-9a-f]{{8}}")
+    found = []
+    for entry in out.parent.iterdir() if out.parent.is_dir() else ():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink():
+            found.append((entry, int(match.group(1))))
+    return found
+
+
 def remove_stale_temporaries(out: Path) -> None:
-    """Remove the temporaries of `out` left by killed (SIGKILL) runs whose process is gone."""
-    for stale in out.parent.glob(glob.escape(f".{out.name}.tmp-") + "*"):
-        try:
-            pid = int(stale.name.rsplit(".tmp-", 1)[1].split("-")[0])
-        except ValueError:
-            continue
+    """Remove the temporaries of `out` left by killed (SIGKILL) runs whose process is gone
+    (only folders named exactly as `temporary_sibling` names them)."""
+    for stale, pid in _stale_temporaries(out):
         if not _pid_alive(pid):
             shutil.rmtree(stale, ignore_errors=True)
 
 
 def temporary_sibling(out: Path) -> Path:
     """A new hidden folder `.NAME.tmp-PID-RANDOM` beside `out` to build it in."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     remove_stale_temporaries(out)
     folder = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    folder.mkdir()
+    try:
+        folder.mkdir()
+    except OSError as exc:
+        raise CpmError(f"{out}: cannot write beside it ({exc.strerror or exc})") from None
     return folder
 
 
 def move_into_place(folder: Path, out: Path) -> None:
-    """Rename the finished `folder` to `out`. An existing `out` is renamed aside first and
-    removed after, so `out` is at every moment either the old folder or the new one."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, trash)
-        os.rename(folder, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(folder, out)
+    """Rename the finished `folder` to `out`. An existing `out` (checked replaceable by the
+    caller) is renamed aside first and removed after, so `out` is at every moment either the
+    old folder or the new one. An `out` that another process created meanwhile is left alone."""
+    try:
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, trash)
+            os.rename(folder, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(folder, out)
+    except OSError as exc:
+        raise CpmError(f"{out}: could not put the result in place ({exc.strerror or exc}; did "
+                       "another process create it meanwhile?); nothing was replaced") from None
 
 
 class ArtifactWriter:
@@ -256,25 +313,43 @@ class ArtifactWriter:
         self.committed = False
         self.resume_key = resume_key
         self.resumed = False
+        self._lock: FolderLock | None = None
 
     def __enter__(self) -> ArtifactWriter:
         check_replaceable(self.out, self.force)
         if self.resume_key is None:
             self.dir = temporary_sibling(self.out)
             return self
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.out)
-        self.dir = self.out.parent / f".{self.out.name}.partial"
+        self.dir = self._partial_folder()
+        self._lock = FolderLock(self.dir).__enter__()
         key_file = self.dir / self.RESUME_FILE
-        if key_file.is_file() and key_file.read_text() == self.resume_key:
-            self.resumed = True
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir.mkdir()
-            key_file.write_text(self.resume_key)
+        if key_file.read_text(encoding="utf-8", errors="replace") == self.resume_key:
+            self.resumed = any(p.name not in (self.RESUME_FILE, LOCK_FILE)
+                               for p in self.dir.iterdir())
+        else:  # other inputs or settings: start afresh, in the same (locked) folder
+            clear_folder(self.dir)
+            key_file.write_text(self.resume_key, encoding="utf-8")
         return self
 
+    def _partial_folder(self) -> Path:
+        """`.NAME.partial`, created whole (with its key file) if absent; one without a key
+        file was not made by cpmctl and is refused."""
+        folder = self.out.parent / f".{self.out.name}.partial"
+        if not folder.exists():
+            fresh = temporary_sibling(self.out)
+            (fresh / self.RESUME_FILE).write_text(self.resume_key, encoding="utf-8")
+            try:
+                os.rename(fresh, folder)
+            except OSError:  # another process made it first: use theirs (it is locked)
+                shutil.rmtree(fresh, ignore_errors=True)
+        if folder.is_symlink() or not (folder / self.RESUME_FILE).is_file():
+            raise CpmError(f"{folder} exists and was not made by cpmctl (no "
+                           f"{self.RESUME_FILE}); move it away to build {self.out}")
+        return folder
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._lock is not None:
+            self._lock.__exit__()
         if not self.committed and self.dir is not None and self.resume_key is None:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -11,14 +11,17 @@ from rich.table import Table
 
 from cpmctl.artifacts import open_artifact
 from cpmctl.artifacts import verify as verify_files
-from cpmctl.data.shards import shard_paths
+from cpmctl.data.shards import reading, shard_paths
 from cpmctl.errors import CpmError
 
 
 def sample_documents(corpus_dir: Path, count: int, seed: int, folder: str = "shards") -> list[dict]:
     """`count` documents drawn uniformly without replacement, in corpus order."""
     paths = shard_paths(corpus_dir, folder)
-    rows = [pq.ParquetFile(p).metadata.num_rows for p in paths]
+    rows = []
+    for path in paths:
+        with reading(path):
+            rows.append(pq.ParquetFile(path).metadata.num_rows)
     total = sum(rows)
     if total == 0:
         return []
@@ -27,7 +30,8 @@ def sample_documents(corpus_dir: Path, count: int, seed: int, folder: str = "sha
     for path, n in zip(paths, rows, strict=True):
         wanted = chosen[(chosen >= first) & (chosen < first + n)] - first
         if len(wanted):
-            documents += pq.read_table(path).take(wanted).to_pylist()
+            with reading(path):
+                documents += pq.read_table(path).take(wanted).to_pylist()
         first += n
     return documents
 

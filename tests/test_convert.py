@@ -101,7 +101,7 @@ def test_to_hf_loads_in_transformers_with_equal_logits(cli, tmp_path, ours):
     assert result.code == 0, result.err
     assert result.out.strip() == str(tmp_path / "hf")
     assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors",
-                                                             "tokenizer"}
+                                                             "tokenizer", "cpmctl-export.json"}
     assert open_artifact(tmp_path / "hf" / "tokenizer", expect="tokenizer")
     hf, loading = transformers.GPT2LMHeadModel.from_pretrained(
         tmp_path / "hf", output_loading_info=True, attn_implementation="eager")

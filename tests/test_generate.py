@@ -179,7 +179,8 @@ def test_a_closed_pipe_ends_quietly(models):
 
 def test_bench_speed_times_every_precision_against_transformers(models, cli):
     """`bench speed --model`: every (impl, precision, batch) in its own process; greedy tokens
-    of ours and of transformers' generate agree (the same weights), targets at batch 1."""
+    of ours and of transformers' generate agree (the same weights); our ratios to them and to
+    the bandwidth."""
     result = cli("bench", "speed", "--model", str(models["gpt"]), "--batches", "1,2",
                  "--prompt-tokens", "8", "--new-tokens", "6", "--json")
     assert result.code == 0, result.err
@@ -197,9 +198,16 @@ def test_bench_speed_times_every_precision_against_transformers(models, cli):
     fp32 = [r for r in report["runs"] if r["precision"] == "fp32" and r["batch"] == 1]
     assert fp32[0]["first_tokens"] == fp32[1]["first_tokens"]
     assert report["memory_bandwidth_gb_s"] > 0
-    assert set(report["targets"]) == {"fp32 >= 1.05x transformers fp32",
-                                      "bf16 >= 1.5x transformers bf16",
-                                      "int8 >= 3.0x transformers bf16"}
+    assert "targets" not in report  # measurements, not our goals
+    ours = {(r["precision"], r["batch"]): r for r in report["runs"] if r["impl"] == "cpmctl"}
+    theirs = {(r["precision"], r["batch"]): r for r in report["runs"]
+              if r["impl"] == "transformers"}
+    for (precision, batch), run in ours.items():
+        baseline = theirs[("bf16" if precision == "int8" else precision, batch)]
+        assert run["vs_transformers"] == pytest.approx(run["decode_tok_s"]
+                                                       / baseline["decode_tok_s"])
+        assert run["of_bandwidth"] == pytest.approx(run["effective_gb_s"]
+                                                    / report["memory_bandwidth_gb_s"])
     for args, message in ((("--precisions", "fp16"), "--precisions: expected some of"),
                           (("--tokenizer", str(models["gpt"])), "are two benchmarks"),
                           (("--recipe", "tiny-gpt"), "--model and --recipe: give one")):
@@ -221,11 +229,10 @@ def test_bench_perplexity_compares_precisions_with_bf16(models, datasets, cli):
     bf16, int8 = report["runs"][1]["perplexity"], report["runs"][2]["perplexity"]
     assert report["runs"][2]["vs_bf16"] == pytest.approx(int8 / bf16 - 1)
     assert report["runs"][2]["int8_kernel"] == kernel_name()
-    target = report["targets"]["int8 within 2% of bf16"]
-    assert target["met"] == (abs(int8 / bf16 - 1) <= 0.02)
+    assert "targets" not in report
     table = cli("bench", "perplexity", "-m", models["gpt"], "-d", datasets["cpm1"],
                 "--max-tokens", "2000", "--precisions", "bf16,int8")
-    assert table.code == 0 and "target int8 within 2% of bf16:" in table.out
+    assert table.code == 0 and "vs bf16" in table.out and "target" not in table.out
 
 
 @pytest.mark.parametrize(("which", "args", "message"), [

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-PUBLISHED = {  # ARCHITECTURE §5
+PUBLISHED = {  # docs/design.md §5
     "cpm1-small": 109e6,
     "cpm1-medium": 334e6,
     "cpm1-large": 2.6e9,

@@ -72,7 +72,7 @@ def test_shipped_recipe_round_trips_through_dump(path, tmp_path):
     assert load_recipe(write(tmp_path, dump_recipe(recipe, comments=True), "c.toml")) == recipe
 
 
-# The published sizes (ARCHITECTURE §5): (arch, n_layers, decoder layers, d_model, n_heads,
+# The published sizes (docs/design.md §5): (arch, n_layers, decoder layers, d_model, n_heads,
 # head size, FFN size, vocab, experts).
 SIZES = {
     "cpm1-small": ("gpt", 12, 12, 768, 12, 64, 3072, 30000, 0),
@@ -401,6 +401,9 @@ def _t5_scan(inputs_length: int, density: float, mean_span: float) -> tuple[int,
     def lengths(tokens):
         noise = min(max(int(round(tokens * density)), 1), tokens - 1)
         spans = max(int(round(noise / mean_span)), 1)
+        # as the objective corrupts: never more spans than non-noise tokens (where T5 would
+        # make empty spans, at densities near 1)
+        spans = min(spans, noise, tokens - noise)
         return tokens - noise + spans + 1, noise + spans + 1
 
     tokens = inputs_length - 1

@@ -334,7 +334,9 @@ def test_an_interrupted_run_resumes(big_corpus, work, tmp_path):
 
 
 def test_an_interruption_while_finishing_resumes(work, cli, tmp_path, monkeypatch):
-    copytree = shutil.copytree
+    from cpmctl.data import tokenize as tokenize_module
+
+    copytree = tokenize_module.copy_tree
 
     def copy_then_interrupt(source, target, *args, **kwargs):
         copytree(source, target, *args, **kwargs)
@@ -344,7 +346,7 @@ def test_an_interruption_while_finishing_resumes(work, cli, tmp_path, monkeypatc
     args = tokenize_args(work["corpus"], work["tok1"], out, "--workers", "1",
                          "--valid-fraction", str(FRACTION), "--seed", str(SEED))
     with monkeypatch.context() as patch:
-        patch.setattr(shutil, "copytree", copy_then_interrupt)
+        patch.setattr(tokenize_module, "copy_tree", copy_then_interrupt)
         assert cli(*args).code == 130
     partial = tmp_path / ".dataset.partial"
     assert not out.exists() and (partial / ".resume-key").is_file()

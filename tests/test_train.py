@@ -106,7 +106,8 @@ def test_a_run_writes_checkpoints_metrics_and_a_final_model(dataset, tmp_path, c
     run = tmp_path / "run-r"
     assert result.out.strip() == str(run / "final")
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "cpm-artifact.json", "final", "metrics.jsonl", "recipe.toml"]
+        "checkpoints", "cpm-artifact.json", "cpm-run.json", "final", "metrics.jsonl", "recipe.toml",
+        "tokenizer"]
     checkpoints = run / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         "latest", "step-00000004", "step-00000008"]

@@ -3,8 +3,8 @@
 Each `data tokenize` run is the real command in a process of its own. The bound is the bare
 loop, in this process, no I/O: jieba + SentencePiece for cpm1 exactly as
 CPM-Generate encodes (`sp.encode(" ".join(jieba words))`), jieba + greedy match for cpm2.
-Targets (issue #3): 2 workers >= 1.8x one worker; one worker within 1.3x of the bare loop.
-MB/s counts the UTF-8 bytes of the documents' text.
+Reported: MB/s of each, N workers' speed-up over one, and one worker's time over the bare
+loop's. MB/s counts the UTF-8 bytes of the documents' text.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from cpmctl.data.shards import iter_documents
 from cpmctl.errors import CpmError
 from cpmctl.tokenizer import load_tokenizer
 from cpmctl.tokenizer.base import TO_SUBSTITUTES
-
-TARGET_SCALING = 1.8
-TARGET_OVERHEAD = 1.3
 
 
 def _bare_loop(tokenizer, texts: list[str]) -> float:
@@ -78,8 +75,4 @@ def bench_tokenizer(tokenizer_path: Path, corpus_path: Path, workers: list[int],
         "runs": runs,
         "scaling": {"workers": most["workers"], "speedup_vs_1": scaling},
         "overhead_vs_bare_loop": overhead,
-        "targets": {
-            f"{most['workers']} workers >= {TARGET_SCALING}x one worker": scaling >= TARGET_SCALING,
-            f"one worker within {TARGET_OVERHEAD}x of the bare loop": overhead <= TARGET_OVERHEAD,
-        },
     }

@@ -2,7 +2,7 @@
 
 Both models have the recipe's shape and are trained the same way in the same run: the same
 random token batches, cross-entropy, backward, and the same `torch.optim.AdamW` settings.
-Target (issue #4): ours >= 1.2x Hugging Face in fp32 and in bf16 autocast.
+Reported: tokens/s and achieved GFLOP/s of each, and ours as a multiple of transformers'.
 
 Each side trains as it would for real: ours with `cpmctl train`'s loss, the LM head fused into
 the cross-entropy (`objectives.fused_lm_loss`); transformers' with its logits and
@@ -24,8 +24,6 @@ from cpmctl.models import build_model
 from cpmctl.models.config import ModelConfig
 from cpmctl.models.hf import to_transformers
 from cpmctl.train.objectives import fused_lm_loss
-
-TARGET = 1.2
 
 
 def _ours_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -87,5 +85,4 @@ def bench_training(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmu
                   "vocab_size": cfg.vocab_size, "parameters": parameters},
         "batch": batch, "seq_len": seq_len, "steps": steps, "threads": torch.get_num_threads(),
         "runs": runs, "speedup": ratios,
-        "targets": {f"{p}: >= {TARGET}x transformers": r >= TARGET for p, r in ratios.items()},
     }

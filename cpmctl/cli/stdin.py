@@ -20,9 +20,29 @@ def stdin_lines() -> Iterator[tuple[int, str]]:
 
 
 def json_field(number: int, line: str, field: str):
-    """(the JSON object on stdin line `number`, its `field`)."""
+    """(the JSON object on stdin line `number`, its `field`). Every string in the record must be
+    text UTF-8 can hold: JSON's "\\ud800" escapes can spell lone surrogates, which no tokenizer
+    encodes and no output can print."""
     try:
         record = json.loads(line)
-        return record, record[field]
+        value = record[field]
     except (ValueError, KeyError, TypeError):
         raise CpmError(f"stdin line {number}: expected a JSON object with {field!r}") from None
+    _check_text(record, f"stdin line {number}")
+    return record, value
+
+
+def _check_text(value, where: str) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _check_text(key, where)
+            _check_text(inner, where)
+    elif isinstance(value, list):
+        for inner in value:
+            _check_text(inner, where)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise CpmError(f"{where}: the string {value[:20]!r} holds a lone surrogate "
+                           f"{exc.object[exc.start]!r} (not text)") from None

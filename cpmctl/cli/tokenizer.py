@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import typer
@@ -76,15 +77,23 @@ def encode(
             print(" ".join(map(str, tok.encode(line))))
 
 
-def _ids(number: int, values, vocab_size: int) -> list[int]:
-    try:
-        ids = [int(v) for v in values]
-    except (TypeError, ValueError):
-        raise CpmError(f"stdin line {number}: ids must be integers") from None
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise CpmError(f"stdin line {number}: id {bad[0]} is outside the vocabulary "
-                       f"(0..{vocab_size - 1})")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _ids(number: int, values: list, vocab_size: int, written: bool) -> list[int]:
+    """Token ids as written: ASCII digit strings (`written`: text input) or JSON integers;
+    anything else (a float, a boolean, "١٢", an id outside the vocabulary) is an error."""
+    ids = []
+    for value in values:
+        if written and isinstance(value, str) and _DIGITS.fullmatch(value):
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CpmError(f"stdin line {number}: ids must be integers written in ASCII "
+                           f"digits, got {json.dumps(value, ensure_ascii=False)}")
+        if not 0 <= value < vocab_size:
+            raise CpmError(f"stdin line {number}: id {value} is outside the vocabulary "
+                           f"(0..{vocab_size - 1})")
+        ids.append(value)
     return ids
 
 
@@ -104,7 +113,9 @@ def decode(
     for number, line in stdin_lines():
         if jsonl:
             record, values = json_field(number, line, "ids")
-            ids = _ids(number, values if isinstance(values, list) else [values], tok.vocab_size)
+            if not isinstance(values, list):
+                raise CpmError(f"stdin line {number}: 'ids' must be a JSON array of integers")
+            ids = _ids(number, values, tok.vocab_size, written=False)
             print(json.dumps({**record, "text": tok.decode(ids)}, ensure_ascii=False))
         else:
-            print(tok.decode(_ids(number, line.split(), tok.vocab_size)))
+            print(tok.decode(_ids(number, line.split(), tok.vocab_size, written=True)))

@@ -23,7 +23,7 @@ from cpmctl.console import RateMeter, warn
 from cpmctl.data.clean import FilterSettings, chunk_reasons, document_reason, normalise
 from cpmctl.data.dedup import LshIndex, MinHashSettings, band_keys, exact_hash, signatures
 from cpmctl.data.parallel import ordered_map
-from cpmctl.data.readers import Chunk, FileReport, read_chunks, resolve_inputs
+from cpmctl.data.readers import Chunk, FileReport, read_chunks, record_limit, resolve_inputs
 from cpmctl.data.records import parse_chunk
 from cpmctl.data.shards import CORPUS_SCHEMA, REJECTED_SCHEMA, ShardWriter, meta_json
 from cpmctl.errors import CpmError
@@ -95,6 +95,10 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         result.rejected.append((text if keep_text else "", meta_json(meta), reason, raw_bytes))
 
     candidates: list[tuple[str, dict, int]] = []
+    for line, raw_bytes in chunk.oversized:  # dropped unread by the reader
+        result.documents += 1
+        result.bytes_in += raw_bytes
+        reject("", {"line": line}, "too_long", raw_bytes)
     for record in parse_chunk(chunk, settings.split, settings.text_field):
         result.documents += 1
         result.bytes_in += record.raw_bytes
@@ -184,7 +188,8 @@ def build_corpus(inputs: list[str], out, settings: BuildSettings, *, force: bool
         for source in sources:
             report = reports[source.name] = FileReport(source.name, source.format)
             yield from read_chunks(source, report, chunk_bytes=settings.chunk_bytes,
-                                   split=settings.split, text_field=settings.text_field)
+                                   split=settings.split, text_field=settings.text_field,
+                                   max_record_bytes=record_limit(settings.filters.max_chars))
 
     total = None if any(s.path is None for s in sources) else sum(
         s.path.stat().st_size for s in sources)

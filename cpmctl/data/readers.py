@@ -7,6 +7,12 @@ keeps the order, and with it the output, independent of the worker count.
 
 Problems with a file (binary, unreadable, a corrupt compressed stream) never stop the build:
 they are recorded in the file's `FileReport` and shown as warnings.
+
+A record (line, or paragraph) longer than `max_record_bytes` is never held whole: once the
+bytes read without a record boundary pass that bound, the rest of the record is read and
+counted but not kept, and the chunk reports it in `oversized` (a `too_long` document). The
+bound is a multiple of --max-chars (`record_limit`), so a 2 GB line in a 2 MB gzip file costs
+a few MB of memory, not 2 GB.
 """
 
 from __future__ import annotations
@@ -71,6 +77,14 @@ class Chunk:
     disk_bytes: int
     data: bytes = b""
     rows: list[dict] = field(default_factory=list)
+    oversized: list[tuple[int, int]] = field(default_factory=list)
+    """Records too long to keep, dropped while reading: (first line, raw bytes)."""
+
+
+def record_limit(max_chars: int) -> int:
+    """Raw bytes after which a record is dropped unread as too long: 8 bytes a character, room
+    for UTF-8's 4-byte characters and for markup that cleaning removes."""
+    return 8 * max_chars + 1024
 
 
 def guess_format(path: Path) -> str:
@@ -176,15 +190,21 @@ def _cut(buffer: bytes, split: str) -> int:
     return buffer.rfind(b"\n") + 1
 
 
+def _boundary(split: str) -> bytes:
+    return b"\n\n" if split == "paragraph" else b"\n"
+
+
 def _stream_chunks(
-    source: Source, report: FileReport, chunk_bytes: int, split: str
+    source: Source, report: FileReport, chunk_bytes: int, split: str, max_record_bytes: int
 ) -> Iterator[Chunk]:
     opened = open(source.path, "rb") if source.path is not None else sys.stdin.buffer
     raw = _HashingReader(opened)
     record_split = split if source.format == "text" else "line"
+    boundary = _boundary(record_split)
     line = 1
     pending = b""
     disk_mark = 0
+    skipped = None  # (first line, bytes so far) of an over-long record being read past
     try:
         first = True
         for block in _decompressed_blocks(raw, report, chunk_bytes):
@@ -194,6 +214,23 @@ def _stream_chunks(
                 if nul >= 0:
                     report.fail("binary", f"binary data (NUL byte at offset {nul})")
                     return
+            if skipped is not None:
+                # keep the last bytes: a paragraph boundary may straddle two blocks
+                carry = pending[-(len(boundary) - 1):] if len(boundary) > 1 else b""
+                window = carry + block
+                end = window.find(boundary)
+                if end < 0:
+                    skipped = (skipped[0], skipped[1] + len(block))
+                    line += block.count(b"\n")
+                    pending = window[-(len(boundary) - 1):] if len(boundary) > 1 else b""
+                    continue
+                size = skipped[1] + end - len(carry)  # the record's bytes, boundary excluded
+                end += len(boundary) - len(carry)  # in `block`: the first byte after it
+                line += block[:end].count(b"\n")
+                yield Chunk(source.name, source.format, line, raw.count - disk_mark,
+                            oversized=[(skipped[0], size)])
+                disk_mark = raw.count
+                skipped, pending, block = None, b"", block[end:]
             pending += block
             cut = _cut(pending, record_split)
             if cut:
@@ -201,9 +238,16 @@ def _stream_chunks(
                 yield Chunk(source.name, source.format, line, raw.count - disk_mark, data=head)
                 disk_mark = raw.count
                 line += head.count(b"\n")
+            if len(pending) > max_record_bytes:  # the record in pending has no end in sight
+                skipped = (line, len(pending))
+                line += pending.count(b"\n")
+                pending = pending[-(len(boundary) - 1):] if len(boundary) > 1 else b""
         if first:
             report.status = "empty"
-        if pending:
+        if skipped is not None:
+            yield Chunk(source.name, source.format, line, raw.count - disk_mark,
+                        oversized=[skipped])
+        elif pending:
             yield Chunk(source.name, source.format, line, raw.count - disk_mark, data=pending)
         report.bytes = raw.count
         report.digest = "sha256:" + raw.sha256.hexdigest()
@@ -245,7 +289,8 @@ def _parquet_chunks(source: Source, report: FileReport, text_field: str) -> Iter
 
 
 def read_chunks(
-    source: Source, report: FileReport, *, chunk_bytes: int, split: str, text_field: str
+    source: Source, report: FileReport, *, chunk_bytes: int, split: str, text_field: str,
+    max_record_bytes: int = record_limit(100_000),
 ) -> Iterator[Chunk]:
     """Stream one input as chunks; problems are recorded in `report`, never raised."""
     if source.format == "parquet":
@@ -254,6 +299,6 @@ def read_chunks(
         yield from _parquet_chunks(source, report, text_field)
         return
     try:
-        yield from _stream_chunks(source, report, chunk_bytes, split)
+        yield from _stream_chunks(source, report, chunk_bytes, split, max_record_bytes)
     except OSError as exc:  # could not even open it: permissions, a special file
         report.fail("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")

@@ -1,6 +1,6 @@
 """The training reader: token shards -> fixed-length samples in a seeded, resumable order.
 
-A dataset artifact (ARCHITECTURE §2) holds, per split, parts `part-NNNNN.bin` (flat token ids)
+A dataset artifact (docs/design.md §2) holds, per split, parts `part-NNNNN.bin` (flat token ids)
 and `part-NNNNN.idx.npy` (document offsets). `open_dataset` memory-maps the parts, so a dataset
 of any size costs only address space, and `TokenStream.read` copies out a global token range.
 
@@ -8,7 +8,7 @@ of any size costs only address space, and `TokenStream.read` copies out a global
 seq_len + 1 tokens that overlap by one token (inputs x[:-1], targets x[1:]), and visits them in
 a pseudo-random order addressed by one integer, the number of samples consumed so far. The
 same (dataset, seq_len, seed, consumed) always gives the same tokens: a trainer that saved
-`consumed` resumes with the very next batch (ARCHITECTURE §6).
+`consumed` resumes with the very next batch (docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ class TokenStream:
     """One split of a dataset as a single read-only token sequence over memory-mapped parts."""
 
     def __init__(self, path: Path, split: str, dtype: np.dtype, eod_id: int | None,
-                 parts: list[np.memmap], documents: int):
+                 parts: list[np.memmap], documents: int, vocab_size: int = 0):
         self.path, self.split, self.dtype, self.eod_id = path, split, dtype, eod_id
+        self.vocab_size = vocab_size  # the tokenizer's, from the manifest
         self.parts = parts  # the non-empty parts, in name order
         self.documents = documents
         sizes = np.array([len(p) for p in parts], dtype=np.int64)
@@ -68,8 +69,14 @@ def open_dataset(path: str | Path, split: str = "train", *,
     dtype = _DTYPES.get(meta.get("dtype"))
     if dtype is None:
         raise CpmError(f"{artifact.path}: unsupported token dtype {meta.get('dtype')!r}")
+    for key in ("vocab_size", "eod_id"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CpmError(f"{artifact.path}: the manifest's meta.{key} must be a "
+                           f"non-negative integer, got {value!r}")
     parts, documents = [], 0
     for bin_path in sorted(folder.glob("part-*.bin")):
+        artifact.file(bin_path.relative_to(artifact.path).as_posix())  # no link leads out
         size = bin_path.stat().st_size
         idx_path = bin_path.with_name(bin_path.name[: -len(".bin")] + ".idx.npy")
         if not idx_path.is_file():
@@ -81,8 +88,8 @@ def open_dataset(path: str | Path, split: str = "train", *,
         documents += len(offsets) - 1
         if count:  # np.memmap cannot map an empty file
             parts.append(np.memmap(bin_path, dtype=dtype, mode="r"))
-    stream = TokenStream(artifact.path, split, dtype, meta.get("eod_id"), parts,
-                         documents)
+    stream = TokenStream(artifact.path, split, dtype, meta["eod_id"], parts, documents,
+                         meta["vocab_size"])
     expected = splits[split].get("tokens") if isinstance(splits[split], dict) else None
     if expected is not None and expected != stream.tokens:
         raise CpmError(f"{folder}: {stream.tokens} tokens in the parts, manifest says {expected}")
@@ -111,7 +118,11 @@ class PackedSamples:
     domain is < 4n, so few steps are needed.
     """
 
-    def __init__(self, stream: TokenStream, seq_len: int, seed: int):
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int, *,
+                 vocab_size: int | None = None):
+        """`vocab_size`: the model's; a token id at or above it is an error naming where it
+        is (the model's embedding would otherwise fail on it mid-run)."""
+        self.vocab_size = vocab_size
         if seq_len < 1:
             raise CpmError(f"seq_len must be at least 1, got {seq_len}")
         self.stream, self.seq_len, self.seed = stream, int(seq_len), int(seed)
@@ -159,6 +170,12 @@ class PackedSamples:
         out = np.empty((len(indices), width), dtype=np.int64)
         for row, index in enumerate(indices):
             out[row] = self.stream.read(int(index) * self.seq_len, width)
+        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
+            row, column = np.unravel_index(int(out.argmax()), out.shape)
+            position = int(indices[row]) * self.seq_len + int(column)
+            raise CpmError(f"{self.stream.path} split {self.stream.split!r}: token {position:,} "
+                           f"is id {int(out.max())}, outside the model's vocabulary "
+                           f"(model.vocab_size {self.vocab_size})")
         return out
 
     def sample(self, consumed: int) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,11 +23,14 @@ REJECTED_SCHEMA = CORPUS_SCHEMA.append(pa.field("reason", pa.string()))
 # Small row groups: `data tokenize` works on slices of them, and decodes a whole group for one.
 _ROW_GROUP_ROWS = 2048
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
-          "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+          "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
 
 
 def parse_size(text: str, option: str = "--shard-size") -> int:
-    """'64MB' -> 64_000_000; '1GiB' -> 2**30; '500k' -> 500_000."""
+    """A byte size as options write it (every option that takes one: --shard-size,
+    --memory-budget, --max-shard-size, ...): '64MB' -> 64_000_000; '1GiB' -> 2**30; '500k' ->
+    500_000."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else None
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:
@@ -94,8 +98,19 @@ def shard_paths(corpus_dir: Path, folder: str = "shards") -> list[Path]:
     return sorted((corpus_dir / folder).glob("part-*.parquet"))
 
 
+@contextmanager
+def reading(path: Path):
+    """Around every read of a corpus shard: a damaged one is a CpmError naming it."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as exc:
+        raise CpmError(f"{path}: unreadable Parquet shard ({str(exc).splitlines()[0][:200]}); "
+                       "`cpmctl data inspect --verify` checks the corpus") from None
+
+
 def iter_documents(corpus_dir: Path, folder: str = "shards", columns=None) -> Iterator[dict]:
     """Every row of a corpus's shards in order, without loading a shard whole."""
     for path in shard_paths(corpus_dir, folder):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=columns):
-            yield from batch.to_pylist()
+        with reading(path):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=columns):
+                yield from batch.to_pylist()

@@ -12,7 +12,7 @@ The split is by document: a document goes to valid when the hash of (seed, its i
 under `valid_fraction`, so it does not move when the corpus grows or is re-sharded.
 
 NOTE: jieba's own parallel mode gives nothing on 2 cores, so we shard the work ourselves
-across worker processes (ARCHITECTURE §4).
+across worker processes (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from cpmctl import __version__
 from cpmctl.artifacts import ArtifactWriter, open_artifact
 from cpmctl.console import RateMeter, info
 from cpmctl.data.parallel import ordered_map
-from cpmctl.data.shards import shard_paths
+from cpmctl.data.shards import reading, shard_paths
 from cpmctl.errors import CpmError
+from cpmctl.folders import copy_tree
 from cpmctl.tokenizer import from_folder
 
 SPLITS = ("train", "valid")
@@ -98,7 +99,9 @@ def _write_part(folder: Path, index: int, token_lists: list[list[int]], dtype: s
 def tokenize_unit(job: UnitJob) -> dict:
     """Tokenize one row group into its train and valid parts; returns the counts."""
     unit, eod = job.unit, _tokenizer.eod_id
-    table = pq.ParquetFile(unit.shard).read_row_group(unit.row_group, columns=["id", "text"])
+    with reading(Path(unit.shard)):
+        table = pq.ParquetFile(unit.shard).read_row_group(unit.row_group,
+                                                          columns=["id", "text"])
     table = table.slice(unit.start, unit.stop - unit.start)
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
     encoded = _tokenizer.encode_batch(texts)
@@ -117,7 +120,10 @@ def tokenize_unit(job: UnitJob) -> dict:
 def plan_units(corpus_dir: Path) -> list[Unit]:
     groups = []
     for shard in shard_paths(corpus_dir):
-        metadata = pq.ParquetFile(shard).metadata
+        with reading(shard):
+            metadata = pq.ParquetFile(shard).metadata
+        if "text" not in metadata.schema.names:
+            raise CpmError(f"{shard}: not a corpus shard (no 'text' column)")
         text_column = metadata.schema.names.index("text")
         for group in range(metadata.num_row_groups):
             row_group = metadata.row_group(group)
@@ -178,7 +184,7 @@ def tokenize_corpus(corpus_path, tokenizer_path, out, *, valid_fraction: float =
         # The dataset carries its tokenizer, so training needs only the dataset to put the
         # tokenizer inside the model it writes. (Replaced whole: a resumed run may find one.)
         shutil.rmtree(writer.dir / TOKENIZER_FOLDER, ignore_errors=True)
-        shutil.copytree(tokenizer_artifact.path, writer.dir / TOKENIZER_FOLDER)
+        copy_tree(tokenizer_artifact.path, writer.dir / TOKENIZER_FOLDER)
         splits = {split: {"tokens": sum(r[split]["tokens"] for r in done.values()),
                           "documents": sum(r[split]["documents"] for r in done.values()),
                           "parts": len(units)} for split in SPLITS}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from cpmctl.models.config import ModelConfig
+from cpmctl.resources import check_fits
 
 
 class LayerKV:
@@ -57,6 +58,11 @@ class KVCache:
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, d_head: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (n_layers, batch, n_heads, max_len, d_head)
+        elements = n_layers * batch * n_heads * max_len * d_head
+        check_fits(2 * elements * dtype.itemsize, torch.device(device),
+                   f"a KV cache of {batch} row(s) x {max_len:,} positions",
+                   "generate fewer new tokens (--max-new-tokens) or fewer rows at once "
+                   "(--batch-size)")
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.layers = [LayerKV(self, self.keys[i], self.values[i]) for i in range(n_layers)]

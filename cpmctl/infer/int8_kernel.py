@@ -14,7 +14,13 @@ $XDG_CACHE_HOME/cpmctl/kernels (~/.cache by default), named by a hash of the sou
 and the CPU, and loaded with ctypes; it runs its threads in the OpenMP runtime PyTorch has
 already loaded (the same libgomp), as many as `torch.get_num_threads()`. Where there is no
 compiler, no AVX2, or the build fails, `library()` is None and quantize.py uses PyTorch's
-kernel; `CPMCTL_INT8_KERNEL=torch` forces that (to compare the two).
+kernel; `CPMCTL_INT8_KERNEL=torch` forces that (to compare the two). A build that fails warns
+once, with the compiler's last lines.
+
+C trusts its pointers, so `matmul` checks every argument against the layer's shapes, dtypes and
+device first (an input wider than the layer would otherwise be read and written past its
+buffers). The call is the custom op `cpmctl::int8_matmul` (torch.library), so PyTorch checks
+its schema, the profiler names it, and torch.compile traces it through its fake implementation.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from cpmctl.console import warn
 
 SOURCE = Path(__file__).with_name("int8_matmul.c")
 KERNEL_ENV, MARCH_ENV = "CPMCTL_INT8_KERNEL", "CPMCTL_INT8_MARCH"
@@ -106,11 +114,20 @@ def _build(compiler: str, path: Path) -> bool:
         if done.returncode == 0:
             os.replace(temporary, path)
             return True
+        _warn_fallback(done.stderr.decode("utf-8", "replace"))
         return False
-    except OSError:  # the compiler could not be run
+    except OSError as exc:  # the compiler could not be run
+        _warn_fallback(str(exc))
         return False
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def _warn_fallback(output: str) -> None:
+    """Once per process (library() is cached): why int8 runs on PyTorch's slower kernel."""
+    last = [line for line in output.strip().splitlines() if line.strip()][-3:]
+    warn("cpmctl's int8 kernel did not build, so int8 runs on PyTorch's kernel (about half "
+         f"as fast); the compiler said: {' | '.join(last) or 'nothing'}")
 
 
 def _layout() -> tuple[int, int]:
@@ -137,19 +154,34 @@ def unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.T
     return plain[:out_features, :in_features].contiguous()
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-           bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """x [..., in] bf16 @ (scales[:, None] * weight).T + bias → [..., out] bf16; scales and
-    bias fp32.
+def check_layer(packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                out_features: int, in_features: int) -> None:
+    """Refuse a layer whose tensors the C kernel would read out of bounds (ValueError: a
+    caller's bug, never user input): on the CPU, contiguous, of the dtype and size the layer's
+    shapes imply. Checked once, when the layer is made; `matmul` checks each input."""
+    rows, cols = _layout()
+    want = (-(-out_features // rows), -(-in_features // cols), rows, cols)
+    problems = []
+    if packed.dtype != torch.int8 or tuple(packed.shape) != want:
+        problems.append(f"packed weight {packed.dtype} {tuple(packed.shape)}, expected int8 "
+                        f"{want}")
+    if scales.dtype != torch.float32 or scales.numel() != out_features:
+        problems.append(f"scales {scales.dtype} x {scales.numel()}, expected float32 x "
+                        f"{out_features}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != out_features):
+        problems.append(f"bias {bias.dtype} x {bias.numel()}, expected float32 x "
+                        f"{out_features}")
+    tensors = [t for t in (packed, scales, bias) if t is not None]
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        problems.append("weights, scales and bias must be contiguous CPU tensors")
+    if problems:
+        raise ValueError("int8 layer: " + "; ".join(problems))
 
-    NOTE: called ~50 times per decoded token, so it skips the conversions it can: each torch
-    call costs about a microsecond, the kernel itself ~4 for a small layer."""
-    if x.dtype != torch.bfloat16:
-        x = x.to(torch.bfloat16)
-    if not x.is_contiguous():
-        x = x.contiguous()
+
+def _compute(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+             bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     in_features = x.shape[-1]
-    rows = x.numel() // in_features
+    rows = x.numel() // in_features if in_features else 0
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     if rows == 0:
         return y
@@ -160,3 +192,38 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     if status != 0:
         raise MemoryError(f"int8 matmul: no memory for {rows} x {in_features} activations")
     return y
+
+
+# NOTE: registered through torch.library.Library rather than the @custom_op decorator: the
+# decorator's Python wrapper costs ~15 us a call here, the plain registration ~3 us, and a
+# decoding step makes ~50 of these calls.
+_LIBRARY = torch.library.Library("cpmctl", "FRAGMENT")
+_LIBRARY.define("int8_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? bias, "
+                "int out_features) -> Tensor")
+_LIBRARY.impl("int8_matmul", _compute, "CPU")
+
+
+@torch.library.register_fake("cpmctl::int8_matmul")
+def _fake(x, packed, scales, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+
+
+_OP = torch.ops.cpmctl.int8_matmul.default
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+           bias: torch.Tensor | None, out_features: int, in_features: int) -> torch.Tensor:
+    """x [..., in] bf16 @ (scales[:, None] * weight).T + bias → [..., out] bf16, through the op
+    `cpmctl::int8_matmul`; scales and bias fp32 (checked by check_layer). An input of another
+    width or on another device than the layer's is a ValueError, never a call into C.
+
+    NOTE: called ~50 times per decoded token, so it skips the conversions it can: each torch
+    call costs about a microsecond, the kernel itself ~4 for a small layer."""
+    if x.shape[-1] != in_features or x.device.type != "cpu":
+        raise ValueError(f"int8 matmul: a {x.device.type} input of {x.shape[-1]} features for "
+                         f"a CPU layer of {in_features}")
+    if x.dtype != torch.bfloat16:
+        x = x.to(torch.bfloat16)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return _OP(x, packed, scales, bias, out_features)

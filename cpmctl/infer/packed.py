@@ -24,8 +24,13 @@ head's packed copy is a second table (+92 MB for CPM-Small in fp32, +46 MB in bf
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from cpmctl.console import warn
 
 
 class PackedLinear(nn.Module):
@@ -48,11 +53,40 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(dtype: torch.dtype) -> bool:
-    """Whether this PyTorch build and CPU run oneDNN linear layers in `dtype`."""
+    """Whether this PyTorch build and CPU run oneDNN linear layers in `dtype`, and the ops do
+    what nn.Linear does (probed once per dtype)."""
     if not torch.backends.mkldnn.is_available():
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16
-                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    return dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
+
+
+@functools.cache
+def _probe(dtype: torch.dtype) -> bool:
+    """The packed ops against F.linear on a small layer. NOTE: they are inductor's internal
+    ops, not a public API: a PyTorch upgrade may rename or change them, and then every layer
+    stays a plain nn.Linear (slower, same numbers) with one warning, instead of failing."""
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(64, 48).to(dtype)
+    with torch.no_grad():
+        for p in linear.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    x = torch.randn(3, 64, generator=generator).to(dtype)
+    try:
+        with torch.no_grad():
+            got = PackedLinear(linear)(x)
+        ok = got.shape == (3, 48) and torch.allclose(got.float(), F.linear(x, linear.weight,
+                                                     linear.bias).float(), rtol=2e-2, atol=2e-1)
+    except (RuntimeError, AttributeError, TypeError) as exc:
+        warn(f"oneDNN-packed {str(dtype).removeprefix('torch.')} layers are not available in "
+             f"this PyTorch ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); using "
+             "plain linear layers")
+        return False
+    if not ok:
+        warn(f"oneDNN-packed {str(dtype).removeprefix('torch.')} layers disagree with "
+             "F.linear in this PyTorch; using plain linear layers")
+    return ok
 
 
 def pack_linears(model: nn.Module) -> nn.Module:

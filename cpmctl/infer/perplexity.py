@@ -34,6 +34,9 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int | None = None
         raise CpmError(f"the window must be between 1 and model.max_positions "
                        f"({cfg.max_positions}), got {window}")
     ids = ids.reshape(-1).long()
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < cfg.vocab_size:
+        raise CpmError(f"token ids must be in [0, {cfg.vocab_size}) (model.vocab_size), got "
+                       f"{int(ids.min())}..{int(ids.max())}")
     count = (ids.numel() - 1) // window
     if count < 1:
         raise CpmError(f"perplexity needs at least {window + 1} tokens, got {ids.numel()}")

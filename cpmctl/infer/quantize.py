@@ -45,6 +45,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", int8_kernel.pack(q) if native else q)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
+        if native:
+            int8_kernel.check_layer(self.weight, scales, bias, self.out_features,
+                                    self.in_features)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -70,8 +73,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel != int8_kernel.TORCH:
-            return int8_kernel.matmul(x, self.weight, self.scales, self.bias, self.out_features)
+            return int8_kernel.matmul(x, self.weight, self.scales, self.bias, self.out_features,
+                                      self.in_features)
         shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"int8 linear: input has {shape[-1]} features, the layer "
+                             f"{self.in_features}")
         x = x.reshape(-1, shape[-1])
         if not x.is_contiguous() or x.data_ptr() % _ALIGN:
             x = x.clone(memory_format=torch.contiguous_format)

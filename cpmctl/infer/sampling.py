@@ -20,9 +20,12 @@ depend on which other prompts share its batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from cpmctl.errors import CpmError
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,15 @@ class SamplingSettings:
     def problems(self) -> dict[str, str]:
         """{setting: what is wrong with its value}, empty when all are valid."""
         problems = {}
-        if self.temperature < 0:
-            problems["temperature"] = f"must be >= 0, got {self.temperature}"
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems["temperature"] = f"must be a finite number >= 0, got {self.temperature}"
         if self.top_k < 0:
             problems["top_k"] = f"must be >= 0, got {self.top_k}"
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # NOTE: false for nan too
             problems["top_p"] = f"must be in (0, 1], got {self.top_p}"
-        if self.repetition_penalty <= 0:
-            problems["repetition_penalty"] = f"must be > 0, got {self.repetition_penalty}"
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            problems["repetition_penalty"] = (f"must be a finite number > 0, got "
+                                              f"{self.repetition_penalty}")
         return problems
 
 
@@ -80,6 +84,15 @@ def candidates(logits: torch.Tensor, settings: SamplingSettings
     return (logits / settings.temperature).softmax(-1), ids
 
 
+def _check_logits(logits: torch.Tensor) -> None:
+    """-inf logits are tokens ruled out; nan or +inf (or nothing finite in a row) means the
+    model's numbers overflowed: a CpmError, rather than a sample from garbage."""
+    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()
+            | ~torch.isfinite(logits).any(-1).all()):
+        raise CpmError("the model computed nan or infinite logits for a next token (its "
+                       "weights, or the chosen precision overflowing); nothing can be sampled")
+
+
 class Sampler:
     """The next token of each row of a batch: penalty, filters, temperature, draw.
 
@@ -104,6 +117,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [batch, model vocab] -> token ids [batch]."""
         logits = logits[:, :self.vocab_size].float()
+        if not bool(torch.isfinite(logits).all()):
+            _check_logits(logits)
         if self.present is not None:
             logits = apply_repetition_penalty(logits, self.present,
                                               self.settings.repetition_penalty)

@@ -1,4 +1,4 @@
-"""Recipes: a TOML file <-> one typed dataclass tree (ARCHITECTURE §6).
+"""Recipes: a TOML file <-> one typed dataclass tree (docs/design.md §6).
 
 A recipe is the written form of `Recipe`. Every field has a default and a docstring (the string
 literal right after it), which `field_help` returns as the field's `--help` text. Values come

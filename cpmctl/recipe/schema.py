@@ -12,6 +12,8 @@ from cpmctl.models.config import ModelConfig
 SCHEDULES = ("cosine", "linear", "noam", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENGINES = ("torch", "deepspeed")
+INHERIT_SCHEDULES = ("linear", "step")
+TEACHER_PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -168,17 +170,22 @@ class InitConfig:
 
 @dataclass
 class InheritConfig:
-    """Knowledge inheritance (ARCHITECTURE §7): distil from a frozen teacher while training."""
+    """Knowledge inheritance (docs/design.md §7): distil from a frozen teacher while training."""
 
     teacher: str = ""
     """Model artifact of the teacher; empty disables knowledge inheritance."""
     alpha: float = 1.0
-    """Starting weight of the distillation loss: loss = (1 - a)·LM + a·T²·KL, a decaying
-    linearly from alpha to 0 (the KI paper: 1)."""
+    """Starting weight a of the distillation loss: loss = (1 - a)·LM + a·T²·KL(teacher ‖
+    student), a following inherit.schedule (the KI paper: 1)."""
     decay_steps: int = 0
-    """Steps over which alpha decays to 0; 0 means train.steps (the KI paper: 55k of 125k)."""
+    """Steps over which alpha goes to 0; 0 means train.steps (the KI paper: 55k of 125k)."""
+    schedule: str = "linear"
+    """'linear': a = alpha × (1 - step / decay_steps), then 0; 'step': a = alpha until
+    decay_steps, then 0 (with alpha 1: pure distillation, then pure LM)."""
     temperature: float = 2.0
     """Softmax temperature T of teacher and student in the KL term (the KI paper: 2)."""
+    teacher_precision: str = "fp32"
+    """Weights and forward pass of the frozen teacher: 'fp32' or 'bf16' (half the memory)."""
 
 
 @dataclass
@@ -203,6 +210,16 @@ class Recipe:
     """[inherit]: knowledge-inheritance teacher."""
 
 
+def span_counts(tokens: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of T5 span corruption of `tokens` raw tokens (>= 2): noise =
+    round(tokens × density) clamped to [1, tokens - 1]; spans = max(1, round(noise /
+    mean_span)), also at most the non-noise tokens (a case only densities near 1 reach, where
+    T5 would make empty spans; fewer spans only shortens the output)."""
+    noise = min(max(int(round(tokens * noise_density)), 1), tokens - 1)
+    spans = max(int(round(noise / mean_span)), 1)
+    return noise, min(spans, noise, tokens - noise)
+
+
 def span_corruption_lengths(inputs_length: int, noise_density: float,
                             mean_span: float) -> tuple[int, int]:
     """(raw tokens, target length) such that span corruption of the raw tokens gives an encoder
@@ -211,8 +228,7 @@ def span_corruption_lengths(inputs_length: int, noise_density: float,
     each with one closing token."""
 
     def lengths(tokens: int) -> tuple[int, int]:
-        noise = min(max(int(round(tokens * noise_density)), 1), tokens - 1)
-        spans = max(int(round(noise / mean_span)), 1)
+        noise, spans = span_counts(tokens, noise_density, mean_span)
         return tokens - noise + spans + 1, noise + spans + 1
 
     # NOTE: T5 scans upwards from inputs_length - 1 one token at a time, which is slow for dense

@@ -6,12 +6,14 @@ import difflib
 import math
 import typing
 
-from cpmctl.models.config import ARCHS, ROUTERS
+from cpmctl.models.config import config_problems
 from cpmctl.recipe.origin import Origin, show_value
 from cpmctl.recipe.schema import (
     ENGINES,
+    INHERIT_SCHEDULES,
     PRECISIONS,
     SCHEDULES,
+    TEACHER_PRECISIONS,
     Recipe,
     span_corruption_lengths,
 )
@@ -41,39 +43,15 @@ def validate(r: Recipe, origin: Origin) -> None:
             span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             fail(f"{key} must be in {span}, not {show_value(value)}", key)
 
-    run, m, moe, d, t, e = r.run, r.model, r.model.moe, r.data, r.train, r.engine
+    run, m, d, t, e = r.run, r.model, r.data, r.train, r.engine
 
     # [run]
     if not run.name or "/" in run.name or "\\" in run.name or run.name in (".", ".."):
         fail(f"run.name must be a plain name (not empty, no '/'), not {run.name!r}", "run.name")
 
-    # [model]
-    one_of("model.arch", m.arch, ARCHS)
-    for key in ("vocab_size", "d_model", "n_heads", "n_layers", "max_positions",
-                "relative_buckets", "relative_max_distance"):
-        at_least(f"model.{key}", getattr(m, key), 1)
-    for key in ("d_head", "d_ff", "n_decoder_layers"):
-        at_least(f"model.{key}", getattr(m, key), 0)
-    if not m.d_head and m.d_model % m.n_heads:
-        fail(f"model.d_model {m.d_model} is not divisible by model.n_heads {m.n_heads} "
-             "(set model.d_head)", "model.d_model", "model.n_heads")
-    if m.arch == "gpt" and m.n_decoder_layers:
-        fail("model.n_decoder_layers applies to encdec models only (arch is gpt)",
-             "model.n_decoder_layers", "model.arch")
-    within("model.dropout", m.dropout, 0.0, 1.0)
-    at_least("model.layer_norm_eps", m.layer_norm_eps, 0.0)
-    within("model.init_std", m.init_std, 0.0, math.inf, low_open=True)
-    at_least("model.moe.experts", moe.experts, 0)
-    one_of("model.moe.router", moe.router, ROUTERS)
-    at_least("model.moe.top_k", moe.top_k, 1)
-    if moe.router == "base" and moe.top_k != 1:
-        fail("model.moe.top_k must be 1 with the base router (BASE layers route each token "
-             f"to one expert), not {moe.top_k}", "model.moe.top_k", "model.moe.router")
-    if moe.experts and moe.top_k > moe.experts:
-        fail(f"model.moe.top_k {moe.top_k} is more than model.moe.experts {moe.experts}",
-             "model.moe.top_k", "model.moe.experts")
-    within("model.moe.capacity_factor", moe.capacity_factor, 0.0, math.inf, low_open=True)
-    at_least("model.moe.aux_loss_weight", moe.aux_loss_weight, 0.0)
+    # [model]: the rules live with the model (cpmctl.models.config), for every config source
+    for message, keys in config_problems(m):
+        fail(message, *keys)
 
     # [data]
     at_least("data.seq_len", d.seq_len, 3 if m.arch == "encdec" else 1)
@@ -165,4 +143,6 @@ def validate(r: Recipe, origin: Origin) -> None:
     within("inherit.alpha", r.inherit.alpha, 0.0, 1.0, high_open=False)
     at_least("inherit.decay_steps", r.inherit.decay_steps, 0)
     within("inherit.temperature", r.inherit.temperature, 0.0, math.inf, low_open=True)
+    one_of("inherit.schedule", r.inherit.schedule, INHERIT_SCHEDULES)
+    one_of("inherit.teacher_precision", r.inherit.teacher_precision, TEACHER_PRECISIONS)
 

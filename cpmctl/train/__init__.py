@@ -1,1 +1,1 @@
-"""Training: the loop, its engines, and checkpoints (ARCHITECTURE §6)."""
+"""Training: the loop, its engines, and checkpoints (docs/design.md §6)."""

@@ -1,4 +1,4 @@
-"""Checkpoints of a run (ARCHITECTURE §2 and §6), never pickled.
+"""Checkpoints of a run (docs/design.md §2 and §6), never pickled.
 
     RUN/checkpoints/step-00001000/      a checkpoint artifact:
         model.json, model.safetensors   the model's files (cpmctl.models.artifact)
@@ -21,6 +21,7 @@ was and the tensor lies in state.safetensors under KEY (the dotted path: "3.exp_
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import random
@@ -91,7 +92,15 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state()` captured (missing parts are left as they are)."""
+    """Restore what `rng_state()` captured (missing parts are left as they are); state that is
+    not what `rng_state()` writes is a CpmError."""
+    try:
+        _set_rng_state(state)
+    except (TypeError, ValueError, RuntimeError, binascii.Error) as exc:
+        raise CpmError(f"the checkpoint's RNG state is malformed ({exc})") from None
+
+
+def _set_rng_state(state: dict) -> None:
     if "torch" in state:
         torch.set_rng_state(_unb64(state["torch"]))
     if "python" in state:
@@ -218,7 +227,9 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     meta = {"step": step}
     if trainer_state.get("loss") is not None:
         meta["loss"] = trainer_state["loss"]
-    with ArtifactWriter(checkpoints / name, "checkpoint", force=True) as writer:
+    if (checkpoints / name).exists():  # a damaged one a resume skipped: ours, in our run
+        _remove(checkpoints / name)
+    with ArtifactWriter(checkpoints / name, "checkpoint") as writer:
         write_model_files(writer.dir, weights, cfg)
         write_optimizer(writer.dir, optimizer_state)
         (writer.dir / TRAINER_STATE).write_text(state_json, encoding="utf-8")
@@ -239,7 +250,14 @@ def _problems(folder: Path) -> list[str]:
         return [str(exc)]
     problems = [f"{name}: not in the manifest" for name in REQUIRED
                 if name not in artifact.files]
-    return problems + verify(artifact)
+    problems += verify(artifact)
+    if not problems:  # the files are the ones written: are they what a resume reads?
+        for read in (read_trainer_state, read_model_json):
+            try:
+                read(folder)
+            except CpmError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 def find_resumable(run_dir: str | Path) -> Path | None:
@@ -278,9 +296,30 @@ def load_checkpoint(path: str | Path, model: nn.Module,
     return read_trainer_state(folder)
 
 
-def read_trainer_state(folder: str | Path) -> dict:
-    """A checkpoint's trainer_state.json."""
-    return read_json_object(Path(folder) / TRAINER_STATE)
+#: trainer_state.json's fields and their JSON types (checked where present).
+_STATE_FIELDS = {"step": int, "consumed_samples": int, "world_size": int, "rng": dict,
+                 "rng_by_rank": list, "engine_state": dict}
+#: What the trainer's resume cannot do without.
+RESUME_FIELDS = ("step", "consumed_samples")
+
+
+def read_trainer_state(folder: str | Path, required: tuple[str, ...] = ()) -> dict:
+    """A checkpoint's trainer_state.json, its known fields type-checked and `required` ones
+    present (a CpmError names the bad one)."""
+    path = Path(folder) / TRAINER_STATE
+    state = read_json_object(path)
+    for key in required:
+        if key not in state:
+            raise CpmError(f"{path}: {key} is missing")
+    for key, kind in _STATE_FIELDS.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            wanted = {int: "a non-negative integer", dict: "a JSON object",
+                      list: "a JSON array"}[kind]
+            raise CpmError(f"{path}: {key} must be {wanted}, got {value!r}")
+    return state
 
 
 def check_world_size(trainer_state: dict, world_size: int,

@@ -179,6 +179,22 @@ class DeepSpeedEngine:
         steps = {float(s["step"]) for s in self._base_optimizer().state.values() if "step" in s}
         return steps.pop() if steps else 0.0
 
+    #: DeepSpeed's dynamic loss scaler (fp16): what a bit-exact resume needs of it.
+    _SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+    def extra_state(self) -> dict:
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        if not self.ds.fp16_enabled() or scaler is None:
+            return {}
+        return {"loss_scaler": {name: float(getattr(scaler, name))
+                                for name in self._SCALER_FIELDS if hasattr(scaler, name)}}
+
+    def load_extra_state(self, state: dict) -> None:
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        for name, value in state.get("loss_scaler", {}).items():
+            if scaler is not None and name in self._SCALER_FIELDS:
+                setattr(scaler, name, value if name == "cur_scale" else int(value))
+
     def state_dicts(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Full fp32 weights and the torch AdamW state dict, gathered from the partitions.
         Collective: every process calls it (the main one writes)."""

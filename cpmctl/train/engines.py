@@ -10,7 +10,9 @@ The trainer drives any engine through the same few calls, per optimizer step:
     grad_norm = engine.finish_step()
 
 and, around the loop, `state_dicts()` (full fp32 weights and a torch AdamW state dict: what a
-checkpoint holds, whatever the engine), `restore(checkpoint)` and `final_model()`.
+checkpoint holds, whatever the engine), `extra_state()` / `load_extra_state()` (JSON-safe
+state of the engine itself, such as fp16's loss scale, kept in trainer_state.json),
+`restore(checkpoint)` and `final_model()`.
 
 - `TorchEngine`: the model itself, or DDP around it under `torchrun` (gloo on CPU, NCCL on GPU).
 - `DeepSpeedEngine` (cpmctl.train.deepspeed_engine): ZeRO 0-3, bf16, optimizer offload.
@@ -79,12 +81,18 @@ def start_processes(engine: str) -> Processes:
 
 class TorchEngine:
     """Plain PyTorch: autocast for bf16/fp16, `clip_grad_norm_`, fused AdamW; DDP when
-    several processes run (wrapped on first use, so a restore happens before DDP's broadcast)."""
+    several processes run (wrapped on first use, so a restore happens before DDP's broadcast).
+
+    fp16 (CUDA) trains with dynamic loss scaling (`torch.amp.GradScaler`): the loss is scaled
+    up before backward, the gradients unscaled before clipping, and a step whose gradients
+    overflowed is skipped while the scale backs off; the scale is checkpointed with the run."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, processes: Processes):
         self.processes, self.train = processes, recipe.train
         self.module = model.to(processes.device)
         self.optimizer = build_optimizer(self.module, recipe.train)
+        self.scaler = (torch.amp.GradScaler(processes.device.type)
+                       if recipe.train.precision == "fp16" else None)
         self._compile = recipe.engine.compile
         self._forward: nn.Module | None = None
 
@@ -119,15 +127,29 @@ class TorchEngine:
         return module.no_sync() if distributed and not last else nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def finish_step(self) -> float:
-        """Clip, step, clear the gradients; returns the gradient norm before clipping."""
+        """Clip, step, clear the gradients; returns the gradient norm before clipping (of the
+        unscaled gradients under fp16; inf or nan there means the step was skipped)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         norm = nn.utils.clip_grad_norm_(self.module.parameters(),
                                         self.train.grad_clip or float("inf"))
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def extra_state(self) -> dict:
+        return {} if self.scaler is None else {"grad_scaler": self.scaler.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     def state_dicts(self) -> tuple[dict[str, torch.Tensor], dict]:
         return self.module.state_dict(), self.optimizer.state_dict()

@@ -17,7 +17,6 @@ gradient averaging divides out), so one process and N processes compute the same
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -26,15 +25,18 @@ import torch
 import torch.distributed as dist
 
 from cpmctl import console
-from cpmctl.artifacts import MANIFEST, finalize_in_place, open_artifact
+from cpmctl.artifacts import finalize_in_place, open_artifact
 from cpmctl.console import info, warn
 from cpmctl.data.samples import PackedSamples, open_dataset
 from cpmctl.errors import CpmError
-from cpmctl.models import build_model, checkpoint_activations
-from cpmctl.models.artifact import load_model, save_model
+from cpmctl.models import build_model, checkpoint_activations, count_parameters
+from cpmctl.models.artifact import load_weights, read_model_json, save_model
+from cpmctl.models.config import architecture
 from cpmctl.recipe import Recipe, dump_recipe, load_recipe, recipe_digest
+from cpmctl.resources import check_fits
 from cpmctl.tokenizer import from_folder
 from cpmctl.train.checkpoint import (
+    RESUME_FIELDS,
     check_world_size,
     find_resumable,
     read_trainer_state,
@@ -42,59 +44,11 @@ from cpmctl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from cpmctl.train.collectives import Collectives
 from cpmctl.train.engines import build_engine, start_processes
-from cpmctl.train.objectives import encdec_batch, encdec_loss, fused_lm_loss, lm_batch, lm_loss
+from cpmctl.train.objectives import build_objective
+from cpmctl.train.run_folder import METRICS_FILE, RECIPE_FILE, RunFolder
 from cpmctl.train.schedule import learning_rate
-
-RECIPE_FILE = "recipe.toml"
-METRICS_FILE = "metrics.jsonl"
-
-
-class CausalLM:
-    """CPM-1: next-token prediction over packed windows; no loss where the input is <eod>.
-
-    `fused`: the head and the loss fused (`fused_lm_loss`), so the full logits never exist.
-    It reads the head's weight outside the model's forward, which ZeRO-3 (weights gathered
-    per module, inside its forward) does not allow: there the model applies its head."""
-
-    def __init__(self, data, eod_id: int, fused: bool = True):
-        self.window = data.seq_len
-        self.eod_id, self.fused = eod_id, fused
-
-    def batch(self, rows: np.ndarray, indices: np.ndarray) -> dict:
-        return lm_batch(rows, self.eod_id)
-
-    def loss(self, model, batch: dict):
-        if not self.fused:
-            return lm_loss(model(batch["input_ids"]), batch["labels"], batch["loss_mask"])
-        hidden = model(batch["input_ids"], return_hidden=True)
-        head = getattr(model, "module", model).lm_head.weight  # through DDP's/DeepSpeed's
-        return fused_lm_loss(hidden, head, batch["labels"], batch["loss_mask"])
-
-
-class SpanCorruption:
-    """CPM-2: T5 span corruption of raw windows, each derived from (seed, its global sample
-    index), so the corruption survives a resume and does not depend on the process count."""
-
-    def __init__(self, data, seed: int, tokenizer):
-        if tokenizer.sentinels is None:
-            raise CpmError(f"model.arch = 'encdec' trains on span corruption, which needs "
-                           f"sentinels <s_0>...: {data.dataset} was tokenized with a "
-                           f"{tokenizer.scheme} tokenizer that has none (use --scheme cpm2)")
-        self.data, self.seed, self.tokenizer = data, seed, tokenizer
-        self.window = data.span_lengths()[0] - 1  # PackedSamples adds one token
-
-    def batch(self, rows: np.ndarray, indices: np.ndarray) -> dict:
-        tok = self.tokenizer
-        parts = [encdec_batch(rows[i:i + 1], int(indices[i]), self.seed, self.data,
-                              eod_id=tok.eod_id, pad_id=tok.pad_id, sentinels=tok.sentinels)
-                 for i in range(len(rows))]
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-
-    def loss(self, model, batch: dict):
-        logits = model(batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
-                       batch["decoder_attention_mask"])
-        return encdec_loss(logits, batch["labels"], batch["loss_mask"])
 
 
 def _check_recipe(recipe: Recipe, processes) -> None:
@@ -103,6 +57,18 @@ def _check_recipe(recipe: Recipe, processes) -> None:
                        "use 'bf16' or 'fp32' on CPU")
     if not recipe.data.dataset:
         raise CpmError("data.dataset: the recipe names no dataset (cpmctl data tokenize)")
+
+
+def _check_memory(recipe: Recipe, device: torch.device) -> None:
+    """Refuse a model whose fp32 weights (built on the CPU first), and under the torch engine
+    its gradients and Adam moments too (16 bytes a parameter, where it trains), cannot fit."""
+    parameters = count_parameters(recipe.model)  # on the meta device: nothing allocated
+    advice = "choose a smaller [model], or DeepSpeed ZeRO with optimizer offload"
+    check_fits(4 * parameters, "cpu", f"building the model's {parameters:,} fp32 parameters",
+               advice)
+    if recipe.engine.name == "torch":
+        check_fits(16 * parameters, device, f"training {parameters:,} parameters with AdamW "
+                   "(weights, gradients, two moments)", advice)
 
 
 class Trainer:
@@ -117,63 +83,58 @@ class Trainer:
         self.run_dir = recipe.run.output_dir
         data, train = recipe.data, recipe.train
         self.stream = open_dataset(data.dataset, data.train_split)
-        dataset_meta = open_artifact(data.dataset, "dataset").meta
-        if dataset_meta["vocab_size"] > recipe.model.vocab_size:
+        if self.stream.vocab_size > recipe.model.vocab_size:
             raise CpmError(f"model.vocab_size {recipe.model.vocab_size} is smaller than the "
-                           f"tokenizer of {data.dataset} ({dataset_meta['vocab_size']} tokens)")
-        tokenizer = from_folder(Path(data.dataset) / "tokenizer")
-        zero3 = recipe.engine.name == "deepspeed" and recipe.engine.zero_stage == 3
-        self.objective = (CausalLM(data, self.stream.eod_id, fused=not zero3)
-                          if recipe.model.arch == "gpt"
-                          else SpanCorruption(data, recipe.run.seed, tokenizer))
-        self.samples = PackedSamples(self.stream, self.objective.window, recipe.run.seed)
+                           f"tokenizer of {data.dataset} ({self.stream.vocab_size} tokens)")
+        self.dataset_tokenizer = Path(data.dataset) / "tokenizer"
+        tokenizer = from_folder(self.dataset_tokenizer)
+        self.objective = build_objective(recipe, self.stream.eod_id, tokenizer,
+                                         self.processes.device)
+        self.samples = PackedSamples(self.stream, self.objective.window, recipe.run.seed,
+                                     vocab_size=recipe.model.vocab_size)
         self.eval_samples = self._eval_samples()
         self.accumulation = train.accumulation(data.seq_len, self.processes.world_size)
         self.global_batch = train.batch_samples(data.seq_len, self.processes.world_size)
+        _check_memory(recipe, self.processes.device)
         torch.manual_seed(recipe.run.seed)
         model = self._initial_model()
         if recipe.engine.activation_checkpointing:
             checkpoint_activations(model)
-        # NOTE: found before the engine starts (DeepSpeed's start takes seconds), so a resume
-        # with the wrong number of processes is refused first
-        self.checkpoint = find_resumable(self.run_dir) if resume else None
-        if self.checkpoint is not None:
-            check_world_size(read_trainer_state(self.checkpoint), self.processes.world_size,
-                             self.checkpoint)
-        self.engine = build_engine(model, recipe, self.processes)
-        self.model = self.engine.module
-        self.step, self.consumed = 0, 0
-        # NOTE: only now, with everything that can fail checked, is the run folder touched:
-        # a failed start must not leave a folder that blocks the corrected retry.
-        self._prepare_run_dir(force)
-        if resume:
-            self._restore()
+        self.collectives = Collectives(self.processes.world_size, self.processes.device)
+        self.folder = RunFolder(self.run_dir, self.processes.main)
+        self.folder.claim(resume=resume, force=force)  # locked from here until the run ends
+        try:
+            # NOTE: found before the engine starts (DeepSpeed's start takes seconds), so a
+            # resume with the wrong number of processes is refused first
+            self.checkpoint = find_resumable(self.run_dir) if resume else None
+            if self.checkpoint is not None:
+                check_world_size(read_trainer_state(self.checkpoint, RESUME_FIELDS),
+                                 self.processes.world_size, self.checkpoint)
+            self.engine = build_engine(model, recipe, self.processes)
+            self.model = self.engine.module
+            self.step, self.consumed = 0, 0
+            # NOTE: only now, with everything that can fail checked, is the run folder
+            # written: a failed start must not leave a folder that blocks the corrected retry.
+            self._prepare_run_dir(force)
+            if resume:
+                self._restore()
+        except BaseException:
+            self.folder.release()
+            raise
 
     # --- set-up -----------------------------------------------------------------------
 
     def _prepare_run_dir(self, force: bool) -> None:
-        run_dir, recipe_text = self.run_dir, dump_recipe(self.recipe, comments=True)
-        if (run_dir / MANIFEST).is_file() and not force:
-            raise CpmError(f"{run_dir} is a finished run; pass --force to train it again")
-        saved = run_dir / RECIPE_FILE
-        if self.resume:
-            if not saved.is_file():
-                raise CpmError(f"{run_dir}: nothing to resume (no {RECIPE_FILE})")
-            before = recipe_digest(load_recipe(saved))
-            if before != recipe_digest(self.recipe):
-                raise CpmError(f"{run_dir}: the recipe differs from the one the run started "
-                               f"with ({saved}); resume with that recipe")
-            return
-        if saved.is_file() and not force:
-            raise CpmError(f"{run_dir} holds a run already; pass --resume to continue it or "
-                           "--force to start again")
-        self._barrier()  # every process has looked before the first one writes
-        if self.processes.main:
-            if force and run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            saved.write_text(recipe_text, encoding="utf-8")
-        self._barrier()
+        saved = self.run_dir / RECIPE_FILE
+        fresh = force or not self.resume
+        if not fresh:
+            if recipe_digest(load_recipe(saved)) != recipe_digest(self.recipe):
+                raise CpmError(f"{self.run_dir}: the recipe differs from the one the run "
+                               f"started with ({saved}); resume with that recipe")
+        self.collectives.barrier()  # every process has looked before the first one writes
+        self.folder.start(dump_recipe(self.recipe, comments=True), self.dataset_tokenizer,
+                          fresh=fresh)
+        self.collectives.barrier()
 
     def _eval_samples(self) -> PackedSamples | None:
         data = self.recipe.data
@@ -181,7 +142,8 @@ class Trainer:
             return None
         try:
             stream = open_dataset(data.dataset, data.eval_split)
-            return PackedSamples(stream, self.objective.window, 0)
+            return PackedSamples(stream, self.objective.window, 0,
+                                 vocab_size=self.recipe.model.vocab_size)
         except CpmError as exc:
             warn(f"no validation: {exc}")
             return None
@@ -189,10 +151,18 @@ class Trainer:
     def _initial_model(self):
         if not self.recipe.init.model:
             return build_model(self.recipe.model)
-        model, cfg = load_model(self.recipe.init.model, option="init.model")
-        if cfg != self.recipe.model:
+        path = open_artifact(self.recipe.init.model, expect=("model", "checkpoint"),
+                             option="init.model").path
+        cfg, tied = read_model_json(path)
+        ours, theirs = architecture(self.recipe.model), architecture(cfg)
+        if ours != theirs:
+            differ = ", ".join(f"model.{key} {theirs[key]!r} vs {ours[key]!r}"
+                               for key in ours if ours[key] != theirs[key])
             raise CpmError(f"init.model {self.recipe.init.model}: its architecture differs "
-                           "from the recipe's [model] (grow it first: cpmctl grow)")
+                           f"from the recipe's [model] ({differ}; grow it first: cpmctl grow)")
+        # built from the recipe's [model], so its training settings (dropout) are the recipe's
+        model = build_model(self.recipe.model)
+        load_weights(path, model, tied)
         return model
 
     def _restore(self) -> None:
@@ -200,9 +170,10 @@ class Trainer:
             info(f"{self.run_dir}: no checkpoint yet; starting from step 0")
             return
         state = self.engine.restore(self.checkpoint, self._probe_loss)
+        self.engine.load_extra_state(state.get("engine_state", {}))
         self.step, self.consumed = state["step"], state["consumed_samples"]
         by_rank = state.get("rng_by_rank")
-        set_rng_state(by_rank[self.processes.rank] if by_rank else state["rng"])
+        set_rng_state(by_rank[self.processes.rank] if by_rank else state.get("rng", {}))
         self._truncate_metrics(self.step)
         info(f"resuming {self.run_dir} from {self.checkpoint.name} (step {self.step})")
 
@@ -210,19 +181,22 @@ class Trainer:
         """The loss of the next micro-batch (an engine's restore may need one real step)."""
         batch = {k: v.to(self.processes.device) for k, v in self._micro_batches()[0].items()}
         with self.engine.autocast():
-            return self.objective.loss(self.engine.forward_module, batch)[0]
+            return self.objective.loss(self.engine.forward_module, batch, self.step).loss
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop the lines a killed run logged after its last checkpoint."""
         path = self.run_dir / METRICS_FILE
         if self.processes.main and path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            kept = []
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    logged = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):
+                    break  # a line cut short by the kill: nothing after it was checkpointed
+                if not isinstance(logged, int) or logged > step:
+                    break
+                kept.append(line)
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-    def _barrier(self) -> None:
-        if self.processes.world_size > 1:
-            dist.barrier()
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -234,58 +208,35 @@ class Trainer:
         return [self.objective.batch(rows[i:i + micro], indices[i:i + micro])
                 for i in range(0, len(rows), micro)]
 
-    def _gather_json(self, value) -> list:
-        """Every process's JSON-safe `value`, in rank order (collective).
-
-        The RNG states differ between processes once they have drawn different amounts (an
-        MoE expert's dropout draws as many numbers as the tokens routed to it there), so a
-        checkpoint keeps each process's own."""
-        if self.processes.world_size == 1:
-            return [value]
-        device = self.processes.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        data = torch.tensor(list(json.dumps(value).encode("utf-8")), dtype=torch.uint8,
-                            device=device)
-        sizes = [torch.zeros(1, dtype=torch.long, device=device)
-                 for _ in range(self.processes.world_size)]
-        dist.all_gather(sizes, torch.tensor([data.numel()], device=device))
-        longest = int(max(sizes).item())
-        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-        padded[:data.numel()] = data
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-        return [json.loads(bytes(part[:int(size.item())].tolist()).decode("utf-8"))
-                for part, size in zip(parts, sizes, strict=True)]
-
-    def _all_sum(self, value: float) -> float:
-        if self.processes.world_size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return float(tensor.item())
-
     def train_step(self) -> dict:
         """One optimizer step over one global batch; returns its metrics."""
         train, device = self.recipe.train, self.processes.device
         lr = learning_rate(self.step, train)
         self.engine.set_lr(lr)
         batches = self._micro_batches()
-        tokens = self._all_sum(float(sum(int(b["loss_mask"].sum()) for b in batches)))
+        tokens = self.collectives.sum(float(sum(int(b["loss_mask"].sum()) for b in batches)))
         scale = self.processes.world_size / tokens
-        loss_sum = 0.0
+        loss_sum, sums, constants = 0.0, {}, {}
         for index, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.engine.accumulate(last=index == len(batches) - 1):
                 with self.engine.autocast():
-                    loss, count = self.objective.loss(self.engine.forward_module, batch)
+                    record = self.objective.loss(self.engine.forward_module, batch, self.step)
+                loss, count = record.loss, record.count
                 # The MoE balance loss (top-k router), averaged over the micro-batches.
                 aux = self.model.aux_loss / len(batches)
                 self.engine.backward(loss * count * scale + aux)
             loss_sum += float(loss.detach()) * int(count)
+            for key, mean in record.means.items():  # e.g. lm_loss, kd_loss
+                sums[key] = sums.get(key, 0.0) + float(mean) * int(count)
+            constants.update(record.constants)  # e.g. alpha
         grad_norm = self.engine.finish_step()
         self.step += 1
         self.consumed += self.global_batch
-        return {"step": self.step, "loss": self._all_sum(loss_sum) / tokens, "lr": lr,
-                "grad_norm": float(grad_norm), "tokens": int(tokens)}
+        return {"step": self.step, "loss": self.collectives.sum(loss_sum) / tokens, "lr": lr,
+                "grad_norm": float(grad_norm), "tokens": int(tokens),
+                **{key: self.collectives.sum(total) / tokens for key, total in sums.items()},
+                **constants}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -300,9 +251,9 @@ class Trainer:
             batch = self.objective.batch(rows, step * micro + np.arange(micro))
             batch = {k: v.to(self.processes.device) for k, v in batch.items()}
             with self.engine.autocast():
-                loss, n = self.objective.loss(self.model, batch)
-            total += float(loss) * int(n)
-            count += int(n)
+                record = self.objective.loss(self.model, batch)  # no step: the task loss
+            total += float(record.loss) * int(record.count)
+            count += int(record.count)
         self.model.train()
         return total / max(count, 1)
 
@@ -313,18 +264,26 @@ class Trainer:
 
     def _checkpoint(self, loss: float) -> None:
         weights, optimizer_state = self.engine.state_dicts()  # collective under ZeRO
-        rngs = self._gather_json(rng_state())
+        rngs = self.collectives.gather_json(rng_state())
         if self.processes.main:
             state = {"step": self.step, "consumed_samples": self.consumed,
                      "world_size": self.processes.world_size, "rng": rngs[0], "loss": loss,
-                     "engine": self.recipe.engine.name}
+                     "engine": self.recipe.engine.name,
+                     "engine_state": self.engine.extra_state()}
             if len(rngs) > 1:
                 state["rng_by_rank"] = rngs
             save_checkpoint(self.run_dir, self.step, weights, self.recipe.model,
                             optimizer_state, state, keep=self.recipe.checkpoint.keep)
-        self._barrier()
+        self.collectives.barrier()
 
     def run(self) -> Path:
+        """Train to the last step and write final/; the run folder is unlocked at the end."""
+        try:
+            return self._run()
+        finally:
+            self.folder.release()
+
+    def _run(self) -> Path:
         train, every = self.recipe.train, self.recipe.checkpoint.every
         self.model.train()
         started, tokens_since, last_log = time.perf_counter(), 0, time.perf_counter()
@@ -352,15 +311,13 @@ class Trainer:
         final = self.run_dir / "final"
         model = self.engine.final_model()  # collective under ZeRO
         if self.processes.main:
-            tokenizer = Path(self.recipe.data.dataset) / "tokenizer"
-            save_model(final, model, self.recipe.model,
-                       tokenizer if tokenizer.is_dir() else None,
+            save_model(final, model, self.recipe.model, self.folder.tokenizer,
                        meta={"steps": self.step, "recipe": recipe_digest(self.recipe)},
                        force=True)
             finalize_in_place(self.run_dir, "run", {
                 "recipe": recipe_digest(self.recipe), "engine": self.recipe.engine.name,
                 "world_size": self.processes.world_size, "steps": self.step})
-        self._barrier()
+        self.collectives.barrier()
         return final
 
 

@@ -1,4 +1,9 @@
-"""Training objectives: CPM-1's causal LM and CPM-2's span corruption (T5's algorithm).
+"""Training objectives: CPM-1's causal LM and CPM-2's span corruption (T5's algorithm), the
+fused chunked LM head with its knowledge-inheritance KL, and the objectives the trainer runs.
+
+    objective = build_objective(recipe, eod_id, tokenizer, device)   # CausalLM/SpanCorruption,
+    batch = objective.batch(rows, sample_indices)                    # in KI when [inherit] is set
+    record = objective.loss(model, batch, step)   # LossRecord: loss, count, values to log
 
     batch = lm_batch(samples, eod_id)                       # samples: [B, L + 1] int64
     loss, n = lm_loss(model(batch["input_ids"]), batch["labels"], batch["loss_mask"])
@@ -27,15 +32,20 @@ Conventions chosen here (CPM-2's scripts follow T5 in the algorithm; these pin t
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import CpmError
 from ..recipe import DataConfig
+from ..recipe.schema import span_counts
 
-__all__ = ["encdec_batch", "encdec_loss", "lm_batch", "lm_loss", "noise_span_lengths",
-           "span_corrupt"]
+__all__ = ["CausalLM", "LossRecord", "SpanCorruption", "build_objective", "distill_loss",
+           "encdec_batch", "encdec_loss", "fused_distill_loss", "fused_lm_loss", "lm_batch",
+           "lm_loss", "noise_span_lengths", "span_corrupt"]
 
 
 # ---------------------------------------------------------------- CPM-1: causal LM
@@ -96,15 +106,12 @@ def noise_span_lengths(length: int, noise_density: float, mean_span: float,
     sample reads non-noise 0, noise 0, non-noise 1, noise 1, ... (T5's
     `random_spans_noise_mask`: a sample never starts with noise).
 
-    noise = round(length × density) clamped to [1, length - 1]; spans = max(1, round(noise /
-    mean_span)), also at most the non-noise tokens (a case only densities near 1 reach, where
-    T5 would make empty spans; fewer spans only shortens the output).
+    How many noise tokens and spans: `span_counts` (the one rule, which the recipe's length
+    arithmetic uses too).
     """
     if length < 2:
         raise CpmError(f"span corruption needs at least 2 tokens, got {length}")
-    noise = min(max(int(round(length * noise_density)), 1), length - 1)
-    spans = max(int(round(noise / mean_span)), 1)
-    spans = min(spans, noise, length - noise)
+    noise, spans = span_counts(length, noise_density, mean_span)
     return _segment(rng, length - noise, spans), _segment(rng, noise, spans)
 
 
@@ -193,41 +200,93 @@ def encdec_batch(samples: np.ndarray, consumed_start: int, seed: int, data: Data
 
 class _FusedHeadLoss(torch.autograd.Function):
     """sum over rows of mask * cross_entropy(hidden @ weight.T, labels), a chunk of rows at a
-    time, with the gradients computed chunk by chunk in the forward pass.
+    time, with the gradients computed chunk by chunk in the forward pass; with a `teacher`
+    (its hidden states and head, `_Teacher`), the distillation term beside it, chunked the
+    same way: returns (w_lm * ce + w_kd * kd, ce, kd), the last two sums for logging only.
 
-    NOTE: why: the full fp32 logits [tokens, vocab] never exist. At tiny-gpt's shape they are
-    most of a training step's memory traffic; chunked, the head and its loss run ~1.6x faster
-    on CPU, with the same values (to float rounding).
+    kd per row: KL(p_teacher ‖ p_student) at temperature T, both softmaxes over the teacher's
+    ids (`teacher.shared`: the student's id of each teacher id, None when the vocabularies are
+    one), and its gradient with respect to the student's logits there is (q_student - p) / T.
+
+    NOTE: why: the full fp32 logits [tokens, vocab] never exist, for the student or the
+    teacher. At tiny-gpt's shape they are most of a training step's memory traffic; chunked,
+    the head and its loss run ~1.6x faster on CPU, with the same values (to float rounding).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, mask, chunk):
+    def forward(ctx, hidden, weight, labels, mask, chunk, teacher, w_lm, w_kd):
         dtype = hidden.dtype
         weight_c = weight.to(dtype)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
                 logits = (hidden[rows] @ weight_c.T).float()
                 picked = logits.gather(1, labels[rows, None]).squeeze(1)
-                total += ((torch.logsumexp(logits, -1) - picked) * mask[rows]).sum()
+                ce_total += ((torch.logsumexp(logits, -1) - picked) * mask[rows]).sum()
+                kd_grad = None
+                if teacher is not None:
+                    kd_rows, kd_grad = teacher.chunk_kl(logits, rows)
+                    kd_total += kd_rows.sum()
                 if needs_grad:
                     grad = torch.softmax(logits, -1)
                     grad.scatter_add_(1, labels[rows, None],
                                       torch.full_like(picked[:, None], -1.0))
-                    grad *= mask[rows, None]
+                    grad *= mask[rows, None] * w_lm
+                    if kd_grad is not None:
+                        teacher.add_grad(grad, kd_grad * w_kd)
                     grad_hidden[rows] = grad.to(dtype) @ weight_c
                     grad_weight += grad.T @ hidden[rows].float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total
+        ce, kd = ce_total.clone(), kd_total.clone()
+        ctx.mark_non_differentiable(ce, kd)
+        return w_lm * ce_total + w_kd * kd_total, ce, kd
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_ce, _grad_kd):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+        return (grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None,
+                None, None)
+
+
+class _Teacher:
+    """The teacher's side of one fused distillation: its hidden rows and head, the id map, the
+    rows the KL counts (`kd_mask`) and the temperature; the KL of a chunk and its gradient."""
+
+    def __init__(self, hidden, weight, shared, kd_mask, temperature: float, vocab: int):
+        self.hidden, self.weight = hidden, weight
+        self.shared, self.kd_mask, self.t, self.vocab = shared, kd_mask, temperature, vocab
+
+    def chunk_kl(self, student_logits: torch.Tensor, rows: slice):
+        """(kd per row × kd_mask, d kd / d the student's logits over the shared ids)."""
+        teacher_logits = (self.hidden[rows] @ self.weight.T).float()[:, :self.vocab]
+        kd, grad = kl_rows(student_logits, teacher_logits, self.shared, self.t)
+        mask = self.kd_mask[rows, None]
+        return kd * mask[:, 0], grad * mask
+
+    def add_grad(self, grad: torch.Tensor, kd_grad: torch.Tensor) -> None:
+        if self.shared is None:
+            grad += kd_grad
+        else:
+            grad.index_add_(1, self.shared, kd_grad)
+
+
+def kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            shared: torch.Tensor | None, temperature: float):
+    """KL(p_teacher,T ‖ p_student,T) per row (fp32) and its gradient with respect to the
+    student's logits over the teacher's ids. The student's softmax is taken over the teacher's
+    ids only (`shared`: their student ids; None: the same vocabulary), so both are
+    distributions over the same support."""
+    student = student_logits.float() if shared is None else student_logits.float()[:, shared]
+    log_q = torch.log_softmax(student / temperature, -1)
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    p = log_p.exp()
+    kd = (p * (log_p - log_q)).sum(-1)
+    return kd, (log_q.exp() - p) / temperature
 
 
 def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -236,6 +295,147 @@ def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     (mean loss over unmasked tokens, their count)."""
     mask = loss_mask.reshape(-1).float()
     count = mask.sum()
-    total = _FusedHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                 labels.reshape(-1), mask, chunk)
+    total, _, _ = _FusedHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                       labels.reshape(-1), mask, chunk, None, 1.0, 0.0)
     return total / count.clamp(min=1), count
+
+
+def fused_distill_loss(hidden, weight, labels, loss_mask, teacher_hidden, teacher_weight, *,
+                       alpha: float, temperature: float, shared: torch.Tensor | None = None,
+                       kd_mask: torch.Tensor | None = None, teacher_vocab: int | None = None,
+                       chunk: int = 256):
+    """The KI loss with the student's head fused in and chunked, for the student and the
+    teacher (no [tokens × vocab] logits ever exist):
+
+        loss = (1 - alpha)·LM + alpha·T²·KL(p_teacher,T ‖ p_student,T)
+
+    both terms summed over the positions the LM loss counts (`kd_mask`, default `loss_mask`:
+    a subset of them) and divided by their number. `teacher_vocab`: the teacher's ids the KL
+    covers (its tokenizer's), default all of its head's rows. Returns (loss, count, lm mean,
+    kd mean), the means detached, for logging."""
+    mask = loss_mask.reshape(-1).float()
+    kd_rows = mask if kd_mask is None else kd_mask.reshape(-1).float()
+    count = mask.sum()
+    teacher = _Teacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight,
+                       shared, kd_rows, temperature,
+                       teacher_vocab or teacher_weight.shape[0])
+    total, ce, kd = _FusedHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                         labels.reshape(-1), mask, chunk, teacher,
+                                         1.0 - alpha, alpha * temperature ** 2)
+    denominator = count.clamp(min=1)
+    return total / denominator, count, ce / denominator, kd / denominator
+
+
+def distill_loss(logits, teacher_logits, labels, loss_mask, *, alpha: float, temperature: float,
+                 shared: torch.Tensor | None = None, kd_mask: torch.Tensor | None = None,
+                 teacher_vocab: int | None = None):
+    """`fused_distill_loss` for a model that applies its head itself (encdec, ZeRO-3), from
+    the logits: the same value, through autograd."""
+    vocab = logits.shape[-1]
+    lm, count = lm_loss(logits, labels, loss_mask)
+    flat = logits.reshape(-1, vocab)
+    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    teacher = teacher[:, :teacher_vocab or teacher.shape[-1]]
+    kd_rows, _ = kl_rows(flat, teacher, shared, temperature)
+    rows = (loss_mask if kd_mask is None else kd_mask).reshape(-1).float()
+    kd = (kd_rows * rows).sum() / max(count, 1)
+    loss = (1.0 - alpha) * lm + alpha * temperature ** 2 * kd
+    return loss, count, lm.detach(), kd.detach()
+
+
+# ---------------------------------------------------------------- the objectives
+
+
+@dataclass
+class LossRecord:
+    """One micro-batch's loss as an objective gives it to the trainer.
+
+    `loss`: the mean over `count` target tokens (what the optimizer minimises); `means`: other
+    per-token means to log beside it (the trainer weights them by `count` like the loss);
+    `constants`: values that are the same on every micro-batch of a step (logged as they are).
+    """
+
+    loss: torch.Tensor
+    count: torch.Tensor | int
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
+    constants: dict[str, float] = field(default_factory=dict)
+
+
+class CausalLM:
+    """CPM-1: next-token prediction over packed windows; no loss where the input is <eod>.
+
+    `fused`: the head and the loss fused (`fused_lm_loss`), so the full logits never exist.
+    It reads the head's weight outside the model's forward, which ZeRO-3 (weights gathered
+    per module, inside its forward) does not allow: there the model applies its head.
+
+    `loss(model, batch, step)`: `step` is the optimizer step being taken, None when evaluating;
+    this objective's loss is the same either way (a wrapper such as knowledge inheritance's
+    uses it)."""
+
+    def __init__(self, data, eod_id: int, fused: bool = True):
+        self.window = data.seq_len
+        self.eod_id, self.fused = eod_id, fused
+
+    def batch(self, rows: np.ndarray, indices: np.ndarray) -> dict:
+        return lm_batch(rows, self.eod_id)
+
+    def hidden(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden states, head weight), for a fused head; through DDP's/DeepSpeed's
+        wrapper."""
+        hidden = model(batch["input_ids"], return_hidden=True)
+        return hidden, getattr(model, "module", model).lm_head.weight
+
+    def logits(self, model, batch: dict) -> torch.Tensor:
+        return model(batch["input_ids"])
+
+    def loss(self, model, batch: dict, step: int | None = None) -> LossRecord:
+        if not self.fused:
+            return LossRecord(*lm_loss(self.logits(model, batch), batch["labels"],
+                                       batch["loss_mask"]))
+        hidden, head = self.hidden(model, batch)
+        return LossRecord(*fused_lm_loss(hidden, head, batch["labels"], batch["loss_mask"]))
+
+
+class SpanCorruption:
+    """CPM-2: T5 span corruption of raw windows, each derived from (seed, its global sample
+    index), so the corruption survives a resume and does not depend on the process count."""
+
+    fused = False  # the model applies its own head
+
+    def __init__(self, data, seed: int, tokenizer):
+        if tokenizer.sentinels is None:
+            raise CpmError(f"model.arch = 'encdec' trains on span corruption, which needs "
+                           f"sentinels <s_0>...: {data.dataset} was tokenized with a "
+                           f"{tokenizer.scheme} tokenizer that has none (use --scheme cpm2)")
+        self.data, self.seed, self.tokenizer = data, seed, tokenizer
+        self.window = data.span_lengths()[0] - 1  # PackedSamples adds one token
+
+    def batch(self, rows: np.ndarray, indices: np.ndarray) -> dict:
+        tok = self.tokenizer
+        parts = [encdec_batch(rows[i:i + 1], int(indices[i]), self.seed, self.data,
+                              eod_id=tok.eod_id, pad_id=tok.pad_id, sentinels=tok.sentinels)
+                 for i in range(len(rows))]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def logits(self, model, batch: dict) -> torch.Tensor:
+        return model(batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
+                     batch["decoder_attention_mask"])
+
+    def loss(self, model, batch: dict, step: int | None = None) -> LossRecord:
+        return LossRecord(*encdec_loss(self.logits(model, batch), batch["labels"],
+                                       batch["loss_mask"]))
+
+
+def build_objective(recipe, eod_id: int, tokenizer, device: torch.device):
+    """The recipe's objective: causal LM (gpt) or span corruption (encdec), wrapped in
+    knowledge inheritance when `[inherit] teacher` is set (cpmctl.train.inherit)."""
+    zero3 = recipe.engine.name == "deepspeed" and recipe.engine.zero_stage == 3
+    objective = (CausalLM(recipe.data, eod_id, fused=not zero3) if recipe.model.arch == "gpt"
+                 else SpanCorruption(recipe.data, recipe.run.seed, tokenizer))
+    if not recipe.inherit.teacher:
+        return objective
+    from .inherit import KnowledgeInheritance, load_teacher
+
+    teacher = load_teacher(recipe.inherit, recipe.model, tokenizer, device,
+                           Path(recipe.data.dataset) / "tokenizer")
+    return KnowledgeInheritance(objective, teacher, recipe.inherit, recipe.train.steps)
