@@ -1,4 +1,4 @@
-"""`cpmctl model ...`: info, convert."""
+"""`cpmctl model ...`: info, convert, reshard."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 
 from cpmctl.errors import CpmError
 
-app = typer.Typer(help="Models: info, convert.", no_args_is_help=True)
+app = typer.Typer(help="Models: info, convert, reshard.", no_args_is_help=True)
 
 
 class ForeignFormat(StrEnum):
@@ -110,3 +110,26 @@ def convert(
         print(convert_from_hf(source, output, tokenizer=tokenizer, force=force))
     else:
         print(convert_to_hf(source, output, force=force))
+
+
+@app.command("reshard")
+def reshard(
+    source: Path = typer.Argument(..., help="A model artifact (one file or already sharded)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The sharded model to write."),
+    max_shard_size: str = typer.Option(
+        "2GB", help="The largest shard file, e.g. 2GB or 512MiB (an expert is never split; "
+                    "a bigger one gets a shard of its own)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUTPUT model."),
+) -> None:
+    """Write a model as model-NNNNN.safetensors shards + model.safetensors.index.json, each
+    MoE expert readable alone (what generate --offload reads), one tensor at a time: the
+    model is never held in memory whole.
+
+    Example: cpmctl model reshard work/moe --max-shard-size 2GB -o work/moe-sharded
+    """
+    from cpmctl.data.shards import parse_size
+    from cpmctl.models.shard import reshard_model
+
+    print(reshard_model(source, output, max_shard_bytes=parse_size(max_shard_size,
+                                                                    "--max-shard-size"),
+                        force=force))

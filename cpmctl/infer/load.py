@@ -12,6 +12,7 @@ kernel, int8_kernel.py).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +29,18 @@ QUANTIZATIONS = ("int8",)
 PRECISIONS = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"},
               "int8": {"dtype": "bf16", "quantize": "int8"}}
 """The precisions the benchmarks compare, by name, as prepare_for_inference's arguments."""
+
+
+def check_threads(threads: int, option: str = "--threads") -> int:
+    """`threads` (0: PyTorch's default) if this machine can run that many, else a CpmError.
+
+    NOTE: OpenMP starts every thread asked for; tens of thousands fail inside the runtime (a
+    crash, not an error), and more threads than CPUs only slow the matmuls down."""
+    cpus = os.cpu_count() or 1
+    if not 0 <= threads <= cpus:
+        raise CpmError(f"{option} must be between 0 (PyTorch's default) and {cpus}, the CPUs "
+                       f"of this machine; got {threads}")
+    return threads
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,12 +84,18 @@ def load_for_inference(path: str | Path, *, dtype: str = "fp32", quantize: str |
                        device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
     """(model ready to generate, tokenizer) from a model or checkpoint artifact."""
     model, cfg = load_model(path)
+    tokenizer = model_tokenizer(path, cfg.vocab_size)
+    return prepare_for_inference(model, dtype=dtype, quantize=quantize, device=device), tokenizer
+
+
+def model_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer:
+    """The tokenizer inside a model artifact, checked to fit the model's vocabulary."""
     tokenizer_dir = Path(path) / TOKENIZER_DIR
     if not tokenizer_dir.is_dir():
         raise CpmError(f"{path}: the model has no {TOKENIZER_DIR}/ folder to encode prompts "
                        "with")
     tokenizer = from_folder(tokenizer_dir)
-    if tokenizer.vocab_size > cfg.vocab_size:
+    if tokenizer.vocab_size > vocab_size:
         raise CpmError(f"{path}: its tokenizer has {tokenizer.vocab_size:,} tokens, more than "
-                       f"the model's model.vocab_size {cfg.vocab_size:,}")
-    return prepare_for_inference(model, dtype=dtype, quantize=quantize, device=device), tokenizer
+                       f"the model's model.vocab_size {vocab_size:,}")
+    return tokenizer

@@ -1,4 +1,5 @@
-"""Model weights on disk (ARCHITECTURE §2): `model.json` + `model.safetensors` (+ `tokenizer/`).
+"""Model weights on disk (docs/design.md §2): `model.json` + `model.safetensors` (or shards and
+their index, weights.py) (+ `tokenizer/`).
 
     write_model_files(folder, model.state_dict(), cfg)     # the two files, into any folder
     save_model(out, model, cfg, tokenizer_dir, meta={})    # a whole model artifact
@@ -14,21 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..artifacts import ArtifactWriter, open_artifact, read_json_object
 from ..errors import CpmError
-from . import build_model
+from ..folders import copy_tree
+from . import build_on_meta
 from .config import ModelConfig, MoeConfig
+from .weights import WEIGHTS, Weights, open_weights
 
 MODEL_JSON = "model.json"
-WEIGHTS = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 MODEL_JSON_FORMAT = 1
 _RESERVED = ("format", "tied_weights")
@@ -95,7 +95,7 @@ def save_model(out: str | Path, model: nn.Module, cfg: ModelConfig,
     with ArtifactWriter(out, "model", force=force, command=command) as writer:
         write_model_files(writer.dir, model.state_dict(), cfg)
         if tokenizer is not None:
-            shutil.copytree(tokenizer.path, writer.dir / TOKENIZER_DIR)
+            copy_tree(tokenizer.path, writer.dir / TOKENIZER_DIR)
         for role, path, digest in inputs or []:
             writer.add_input(role, path, digest)
         return writer.commit(meta={**meta, "parameters": parameter_count(model),
@@ -157,23 +157,59 @@ def summarize_names(names: set[str]) -> str:
     return ", ".join(shown) + more
 
 
-def load_weights(folder: str | Path, model: nn.Module, tied: dict[str, str]) -> None:
-    """Load `folder/model.safetensors` into `model` strictly (every tensor, nothing extra)."""
-    folder = Path(folder)
-    path = folder / WEIGHTS
-    if not path.is_file():
-        raise CpmError(f"{folder}: {WEIGHTS} is missing")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CpmError(f"{path}: unreadable ({exc})") from None
+def check_config_fits(cfg: ModelConfig, n_tensors: int, n_values: int, where: Path,
+                      weights: Path) -> None:
+    """Refuse, before anything is built, a config that cannot describe the weights `weights`
+    holds (`n_tensors` tensors of `n_values` values): every size is a dimension of some tensor,
+    so none can exceed the values there, and every block (and every expert of it) has at least
+    one tensor of its own. Building even on the meta device costs memory per module, so a
+    model.json claiming 10^9 layers must be refused here, not after building."""
+    sizes = {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_ff": cfg.ffn_size,
+             "n_heads * d_head": cfg.n_heads * cfg.head_size, "moe.experts": cfg.moe.experts}
+    if cfg.arch == "gpt":
+        sizes["max_positions"] = cfg.max_positions
+    else:
+        sizes["relative_buckets"] = cfg.relative_buckets
+    for key, size in sizes.items():
+        if size > n_values:
+            raise CpmError(f"{where}: {key} {size:,} is larger than all of {weights} "
+                           f"({n_values:,} values); the file cannot hold this model")
+    blocks = cfg.n_layers + (cfg.decoder_layers if cfg.arch == "encdec" else 0)
+    if blocks * max(1, cfg.moe.experts) > n_tensors:
+        what = (f"{blocks:,} blocks of {cfg.moe.experts:,} experts" if cfg.moe.experts
+                else f"{blocks:,} blocks")
+        raise CpmError(f"{where}: {what} need more tensors than the {n_tensors:,} that "
+                       f"{weights} holds; the file cannot hold this model")
+
+
+def check_parameter_count(model: nn.Module, n_values: int, where: Path, weights: Path) -> None:
+    """Refuse a model with more parameters than the weights file holds values (a model.json
+    whose sizes outgrow its weights: caught before the shapes, with the sizes in the message)."""
+    needed = parameter_count(model)
+    if needed > n_values:
+        raise CpmError(f"{where} describes {needed:,} parameters ({4 * needed / 2**30:,.1f} GiB "
+                       f"in fp32); {weights} holds {n_values:,}")
+
+
+def _tensor_sources(weights: Weights, tied: dict[str, str]) -> dict[str, str]:
+    """{name the model may ask for: stored name} (aliases of tied weights included)."""
+    sources = {name: name for name in weights.entries}
     for alias, name in tied.items():
-        if name not in tensors:
-            raise CpmError(f"{folder / MODEL_JSON}: tied weight {alias} names {name}, "
-                           f"which {WEIGHTS} does not hold")
-        tensors.setdefault(alias, tensors[name])
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
+        if name not in weights.entries:
+            raise CpmError(f"{weights.where.parent / MODEL_JSON}: tied weight {alias} names "
+                           f"{name}, which {weights.where.name} does not hold")
+        sources.setdefault(alias, name)
+    return sources
+
+
+def check_weights(weights: Weights, model: nn.Module, tied: dict[str, str]) -> dict[str, str]:
+    """Check every tensor `model` (meta or real) expects against the headers, reading no
+    tensor data: names, then the parameter count, then each shape and dtype. Returns {name the
+    model expects: stored name} (tied aliases resolved)."""
+    where = weights.where
+    sources = _tensor_sources(weights, tied)
+    expected = model.state_dict(keep_vars=True)
+    missing, unexpected = set(expected) - set(sources), set(sources) - set(expected)
     if missing or unexpected:
         parts = []
         if missing:
@@ -181,19 +217,76 @@ def load_weights(folder: str | Path, model: nn.Module, tied: dict[str, str]) -> 
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensor(s): "
                          f"{summarize_names(unexpected)}")
-        raise CpmError(f"{path} does not match its model.json: " + "; ".join(parts))
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:  # shape mismatches
-        first = str(exc).strip().splitlines()
-        raise CpmError(f"{path} does not match its model.json: "
-                       f"{first[-1].strip() if first else exc}") from None
+        raise CpmError(f"{where} does not match its model.json: " + "; ".join(parts))
+    check_parameter_count(model, weights.total_numel, where.parent / MODEL_JSON, where)
+    for name, tensor in expected.items():
+        entry = weights.entries[sources[name]]
+        if entry.shape != tuple(tensor.shape):
+            raise CpmError(f"{entry.path}: tensor {entry.name} has shape {list(entry.shape)}; "
+                           f"its model.json implies {list(tensor.shape)}")
+        entry.check_float()
+    return sources
+
+
+def fill_model(weights: Weights, model: nn.Module, tied: dict[str, str],
+               skip=lambda name: False) -> None:
+    """`check_weights`, then read the tensors one at a time into `model`: a meta tensor is
+    replaced by the one read (cast to the model's dtype), a real one is copied into, so an
+    optimizer holding it keeps it. Tensors the model ties (one Parameter under two names) are
+    read once and stay tied. Names for which `skip(name)` is true stay as they are (offloaded
+    inference leaves the experts on the meta device)."""
+    sources = check_weights(weights, model, tied)
+    expected = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        if not skip(name):
+            groups.setdefault(id(tensor), []).append(name)
+    with torch.no_grad():
+        for names in groups.values():
+            first = next((n for n in names if n in weights.entries), names[0])
+            value = weights.read(sources[first])
+            for other in names:
+                if other != first and other in weights.entries and \
+                        not torch.equal(weights.read(other), value):
+                    raise CpmError(f"{weights.where}: {other} differs from {first}, which the "
+                                   f"model ties it to")
+            _place(model, names, expected[first], value)
+
+
+def _place(model: nn.Module, names: list[str], current: torch.Tensor,
+           value: torch.Tensor) -> None:
+    if not current.is_meta:
+        current.copy_(value)
+        return
+    value = value.to(current.dtype)
+    if isinstance(current, nn.Parameter):
+        value = nn.Parameter(value, requires_grad=current.requires_grad)
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        slots = module._parameters if attr in module._parameters else module._buffers
+        slots[attr] = value
+
+
+def load_weights(folder: str | Path, model: nn.Module, tied: dict[str, str]) -> None:
+    """Load the folder's weights (`model.safetensors`, or shards and their index) into `model`
+    strictly: every tensor, nothing extra, shapes and dtypes checked before any is read."""
+    with open_weights(folder) as weights:
+        fill_model(weights, model, tied)
 
 
 def load_model(path: str | Path, option: str = "--model") -> tuple[nn.Module, ModelConfig]:
-    """Build the model a model (or checkpoint) artifact describes and load its weights."""
+    """Build the model a model (or checkpoint) artifact describes and load its weights.
+
+    Nothing is allocated before the weights' headers say the model fits them: the config is
+    checked against the headers (`check_config_fits`), the model is built on the meta device
+    and its parameter count checked, then each tensor is read and checked as it is placed."""
     artifact = open_artifact(path, expect=("model", "checkpoint"), option=option)
     cfg, tied = read_model_json(artifact.path)
-    model = build_model(cfg)
-    load_weights(artifact.path, model, tied)
+    config_path = artifact.path / MODEL_JSON
+    with open_weights(artifact.path) as weights:
+        check_config_fits(cfg, len(weights.entries) + len(tied), weights.total_numel,
+                          config_path, weights.where)
+        model = build_on_meta(cfg)
+        fill_model(weights, model, tied)
     return model, cfg

@@ -34,14 +34,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import __version__
 from ..artifacts import check_replaceable, move_into_place, read_json_object, temporary_sibling
 from ..errors import CpmError
+from ..folders import copy_tree, member
 from ..tokenizer import from_folder
-from . import build_model
-from .artifact import TOKENIZER_DIR, summarize_names
+from .artifact import (
+    TOKENIZER_DIR,
+    build_on_meta,
+    check_config_fits,
+    summarize_names,
+)
 from .config import ModelConfig
 
 CONFIG = "config.json"
+EXPORT_MARKER = "cpmctl-export.json"
+"""Marks a Hugging Face folder as written by `cpmctl model convert --to hf`, so that --force
+replaces it and never a user's own model folder."""
 SAFETENSORS = "model.safetensors"
 PICKLE = "pytorch_model.bin"
 INDEX_SUFFIX = ".index.json"
@@ -256,7 +265,7 @@ def _shards(index: Path) -> list[Path]:
     for name in names:
         if not isinstance(name, str) or Path(name).name != name:
             raise CpmError(f"{index}: shard {name!r} is not a file name in {index.parent}")
-        if not (index.parent / name).is_file():
+        if not member(index.parent, name, str(index)).is_file():
             raise CpmError(f"{index}: shard {name} is missing")
     return [index.parent / name for name in names]
 
@@ -297,11 +306,25 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         raise CpmError(f"{path}: unreadable ({exc})") from None
 
 
+def _check_values(name: str, tensor: torch.Tensor, path: Path) -> None:
+    """A weight is floating point and finite; the causal-mask buffers older transformers
+    saved (bool or uint8) are skipped on reading and exempt."""
+    if _MASK_BUFFER.fullmatch(name.removeprefix("transformer.")):
+        return
+    if not tensor.is_floating_point():
+        raise CpmError(f"{path}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
+                       f"model weights must be floating point, never cast from another type")
+    if not bool(torch.isfinite(tensor).all()):
+        raise CpmError(f"{path}: tensor {name} holds NaN or infinite values")
+
+
 def read_hf_weights(folder: Path, cfg: ModelConfig) -> tuple[nn.Module, list[Path]]:
     """Our GPT holding the folder's GPT-2 weights (in their dtype), and the files read.
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it, so
-    nothing is initialised or copied: a 2.6B model needs its weights' memory once.
+    nothing is initialised or copied: a 2.6B model needs its weights' memory once. Before it
+    is built, config.json is checked against the tensors read (`check_config_fits`: sizes and
+    block count), so a config of 10^9 layers is refused before it costs memory.
     """
     paths, where = _weight_files(folder)
     tensors: dict[str, torch.Tensor] = {}
@@ -310,9 +333,13 @@ def read_hf_weights(folder: Path, cfg: ModelConfig) -> tuple[nn.Module, list[Pat
         for name, tensor in _read_file(path).items():
             if name in tensors:
                 raise CpmError(f"{path}: tensor {name} is also in {files[name]}")
+            _check_values(name, tensor, path)
             tensors[name], files[name] = tensor, path
-    with torch.device("meta"):
-        model = build_model(cfg)
+    values = sum(t.numel() for n, t in tensors.items()
+                 if not _MASK_BUFFER.fullmatch(n.removeprefix("transformer.")))
+    # NOTE: + 1 tensor: the tied head, which a GPT-2 checkpoint may leave out
+    check_config_fits(cfg, len(tensors) + 1, values, folder / CONFIG, where)
+    model = build_on_meta(cfg)
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
     model.load_state_dict(from_hf_state_dict(tensors, files, expected, where), assign=True)
     model.lm_head.weight = model.wte.weight  # NOTE: assign=True replaced wte's Parameter: re-tie
@@ -322,17 +349,26 @@ def read_hf_weights(folder: Path, cfg: ModelConfig) -> tuple[nn.Module, list[Pat
 # ---------------------------------------------------------------- writing a folder
 
 
+def is_hf_export(folder: Path) -> bool:
+    """Whether `folder` is a Hugging Face folder cpmctl wrote: it carries EXPORT_MARKER."""
+    try:
+        return read_json_object(folder / EXPORT_MARKER).get("written_by") == "cpmctl"
+    except CpmError:
+        return False
+
+
 def check_hf_output(out: Path, force: bool) -> None:
-    """Refuse to overwrite `out` without `force`, and even with it a folder without config.json
-    (one of the user's own, not one we wrote)."""
-    check_replaceable(out, force, marker=CONFIG, what=f"a Hugging Face model folder (no {CONFIG})")
+    """Refuse to overwrite `out` without `force`, and even with it a folder cpmctl did not
+    write (no EXPORT_MARKER: a user's own model folder, config.json or not)."""
+    check_replaceable(out, force, owned=is_hf_export,
+                      what=f"a Hugging Face folder written by cpmctl (no {EXPORT_MARKER})")
 
 
 def write_hf_folder(out: Path, model: nn.Module, cfg: ModelConfig,
                     tokenizer_dir: Path | None, *, force: bool = False) -> Path:
     """Write a dense GPT (see `check_gpt2_compatible`) as `config.json` + `model.safetensors`
     (+ the tokenizer artifact as `tokenizer/`) at `out`, built in a hidden sibling and renamed
-    into place. `force` replaces only a folder that holds a config.json."""
+    into place, marked as cpmctl's by EXPORT_MARKER. `force` replaces only such a folder."""
     check_hf_output(out, force)
     folder = temporary_sibling(out)
     try:
@@ -340,8 +376,11 @@ def write_hf_folder(out: Path, model: nn.Module, cfg: ModelConfig,
                   metadata={"format": "pt"})
         special = None
         if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, folder / TOKENIZER_DIR)
+            copy_tree(tokenizer_dir, folder / TOKENIZER_DIR)
             special = from_folder(folder / TOKENIZER_DIR).special
+        (folder / EXPORT_MARKER).write_text(json.dumps(
+            {"written_by": "cpmctl", "cpmctl": __version__, "format": "huggingface-gpt2"},
+            indent=2) + "\n", encoding="utf-8")
         (folder / CONFIG).write_text(json.dumps(hf_config(cfg, special), indent=2) + "\n",
                                      encoding="utf-8")
         move_into_place(folder, out)
