@@ -7,7 +7,7 @@ others (bidirectional buckets in the encoder, causal in the decoder, none in cro
 one input embedding shared by encoder and decoder, and a separate, untied LM head applied to
 the decoder output as is (T5 v1.1 with untied embeddings does not rescale by d_model^-0.5).
 
-CPM-2 (ARCHITECTURE §5): 24+24 layers, d_model 4096, d_ff 10240, 64 heads x 64, vocab 26,240:
+CPM-2 (docs/design.md §5): 24+24 layers, d_model 4096, d_ff 10240, 64 heads x 64, vocab 26,240:
 11B parameters; with 32 experts per FFN (moe.py), 198B.
 """
 

@@ -6,7 +6,7 @@ embedding. Parameter names follow GPT-2 (wte, wpe, ln_1, attn.c_attn, attn.c_pro
 mlp.c_fc, mlp.c_proj, ln_f) so a CPM-Generate checkpoint maps across name for name; GPT-2's
 Conv1D weights are the transpose of these Linear weights.
 
-Sizes (ARCHITECTURE §5): small 12/768/12, medium 24/1024/16, large 32/2560/32 with d_head 80,
+Sizes (docs/design.md §5): small 12/768/12, medium 24/1024/16, large 32/2560/32 with d_head 80,
 vocab 30,000: 109M, 334M, 2.6B parameters.
 """
 
@@ -59,7 +59,8 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
         self.attn = CausalSelfAttention(cfg)
         if cfg.moe.experts > 0:
-            self.moe = MoeFFN(cfg, lambda: GeluMLP(cfg.d_model, cfg.ffn_size))
+            self.moe = MoeFFN(cfg, lambda: GeluMLP(cfg.d_model, cfg.ffn_size),
+                              lambda: nn.LayerNorm(cfg.d_model, eps=cfg.eps))
         else:
             self.moe = None
             self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.eps)

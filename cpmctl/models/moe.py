@@ -3,7 +3,7 @@
 When `cfg.moe.experts > 0`, every FFN of either architecture is a `MoeFFN`. It holds its own
 norm and its own residual, so the block calls `x = moe(x)`, never `x + moe(...)`:
 
-    h        = RMSNorm(x)                       # also the experts' input
+    h        = norm(x)                          # also the experts' input
     affinity = h @ centroids.T                  # [tokens, experts], computed in fp32
     out      = x + sum over the token's experts e of  gate_e * FFN_e(h)
 
@@ -22,10 +22,11 @@ Routers (`cfg.moe.router`):
   generate one by one.
 
 The exact relation a dense -> MoE growth can rely on: if every expert is a copy of one dense
-FFN `f`, then `MoeFFN(x) = x + g(x) * f(RMSNorm(x))`, with g = sigmoid(affinity of the chosen
+FFN `f`, then `MoeFFN(x) = x + g(x) * f(norm(x))`, with g = sigmoid(affinity of the chosen
 expert) for 'base' (exactly 0.5 when the centroids are zero) and g = the sum of the kept gates
 for 'topk'. Doubling the copies' output projection with zero centroids therefore gives exactly
-`x + f(RMSNorm(x))`.
+`x + f(norm(x))`. The norm is the dense block's kind (`make_norm`: LayerNorm with bias in a
+GPT, RMSNorm in the encoder-decoder), so a dense model grows into an MoE exactly (cpmctl grow).
 
 Experts are a ModuleList of ordinary FFNs, one module (and one set of tensors) per expert, so
 offloaded inference can move them one at a time: `route` and `run_experts` are separate steps.
@@ -99,13 +100,14 @@ def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
 class MoeFFN(nn.Module):
     """E experts behind a router; includes the pre-norm and the residual (see module doc)."""
 
-    def __init__(self, cfg: ModelConfig, make_expert: Callable[[], nn.Module]):
+    def __init__(self, cfg: ModelConfig, make_expert: Callable[[], nn.Module],
+                 make_norm: Callable[[], nn.Module] | None = None):
         super().__init__()
         moe = cfg.moe
         self.router = moe.router
         self.top_k = moe.top_k if moe.router == "topk" else 1
         self.capacity_factor = moe.capacity_factor
-        self.norm = RMSNorm(cfg.d_model, cfg.eps)
+        self.norm = make_norm() if make_norm else RMSNorm(cfg.d_model, cfg.eps)
         self.centroids = nn.Parameter(torch.empty(moe.experts, cfg.d_model))
         self.experts = nn.ModuleList(make_expert() for _ in range(moe.experts))
         self.dropout = nn.Dropout(cfg.dropout)
