@@ -36,6 +36,8 @@ def test_quickstart_builds_a_verified_corpus_from_package_text(tmp_path):
                (tmp_path / "qs/runs/tiny-gpt/metrics.jsonl").read_text().splitlines()]
     valid = [r["valid_loss"] for r in records if r.get("valid_loss") is not None]
     assert len(valid) == 5 and valid[-1] < valid[0] - 0.5
+    # ... and scores it zero-shot on 200 sentiment reviews, with an interval.
+    assert "zero-shot sentiment on 200 dev reviews" in out and "95% interval [" in out
 
 
 def test_package_corpus_writes_one_document_per_idiom(tmp_path):

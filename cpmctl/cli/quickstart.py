@@ -68,4 +68,9 @@ def quickstart(
         console.print(Text("  " + completion.prompt.text)
                       + Text(completion.text.replace("\n", " / "), style="bold")
                       + Text(f"  ({completion.finish_reason})", style="dim"))
+    acc = made["zero_shot"]["acc"]
+    console.print(f"zero-shot sentiment on {acc['n']} dev reviews (cpmctl bench run -m {final} "
+                  f"-t sentiment --limit {acc['n']}): acc {acc['value']:.3f}, 95% interval "
+                  f"[{acc['low']:.3f}, {acc['high']:.3f}], chance "
+                  f"{made['zero_shot']['chance']:.2f}")
     console.print(f"next: echo 今天 | cpmctl generate -m {final}")
