@@ -145,8 +145,18 @@ def cache_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32 if weight.device.type == "cpu" else weight.dtype
 
 
+def _input_embeds(steps) -> torch.Tensor | None:
+    """The prefill's input embeddings when a soft prompt fills slots in it (else None)."""
+    if steps.soft is None:
+        return None
+    prompt, slots = steps.soft
+    return prompt.embed(steps.model, steps.ids, slots)
+
+
 class _GptSteps:
     """Prefill and decoding steps of a GPT over a left-padded batch."""
+
+    soft = None  # (soft prompt, slot positions per row) when one is applied
 
     def __init__(self, model: nn.Module, prompts: list[list[int]], budgets: list[int],
                  pad_id: int):
@@ -166,14 +176,15 @@ class _GptSteps:
         self.masked = prompt_mask is not None
         self.active = torch.ones(len(prompts), dtype=torch.long, device=device)
 
-    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         end = self.cache.length + ids.shape[1]
         mask = self.mask[:, :end] if self.masked else None
-        hidden = self.model(ids, mask, cache=self.cache, return_hidden=True)
+        hidden = self.model(ids if embeds is None else None, mask, inputs_embeds=embeds,
+                            cache=self.cache, return_hidden=True)
         return self.model.lm_head(hidden[:, -1])
 
     def prefill(self) -> torch.Tensor:
-        return self._logits(self.ids)
+        return self._logits(self.ids, _input_embeds(self))
 
     def finish(self, row: int) -> None:
         self.active[row] = 0
@@ -188,6 +199,8 @@ class _GptSteps:
 class _EncDecSteps:
     """The encoder once, then decoder steps from the start token with cached keys/values."""
 
+    soft = None  # (soft prompt, slot positions per row): in the encoder input only
+
     def __init__(self, model: nn.Module, prompts: list[list[int]], budgets: list[int],
                  pad_id: int, decoder_start_id: int):
         self.model = model
@@ -200,7 +213,9 @@ class _EncDecSteps:
         self.encoder_out = None
 
     def prefill(self) -> torch.Tensor:
-        self.encoder_out = self.model.encode(self.ids, self.mask)
+        embeds = _input_embeds(self)
+        self.encoder_out = self.model.encode(self.ids if embeds is None else None, self.mask,
+                                             inputs_embeds=embeds)
         return self.step(self.start[:, 0])
 
     def finish(self, row: int) -> None:
@@ -215,15 +230,21 @@ class _EncDecSteps:
 def generate_tokens(model: nn.Module, prompts: list[list[int]], settings: GenerationSettings,
                     *, eod_id: int | None, pad_id: int, decoder_start_id: int | None = None,
                     vocab_size: int | None = None, first_index: int = 0,
-                    on_token: OnToken | None = None) -> BatchResult:
+                    on_token: OnToken | None = None, soft_prompt=None) -> BatchResult:
     """Generate after each prompt (token ids) of one batch; see the module docstring.
 
     `eod_id` None never stops at <eod> (benchmarks that want exactly max_new_tokens).
     `decoder_start_id` (encoder-decoder) defaults to `pad_id`. `vocab_size` limits the tokens
     to the tokenizer's, when the model's vocabulary is larger (padded). `first_index` is the
     index of the batch's first prompt in the whole input (it picks the sampling seeds).
+    `soft_prompt` (cpmctl.prompt) places its slots around every prompt; they count towards
+    the context.
     """
     settings.check()
+    texts, slots = prompts, None
+    if soft_prompt is not None:
+        placed = [soft_prompt.place([ids]) for ids in prompts]
+        prompts, slots = [ids for ids, _ in placed], [row for _, row in placed]
     for row, ids in enumerate(prompts):
         check_prompt(model, ids, f"prompt {first_index + row}")
     budgets = []
@@ -236,8 +257,12 @@ def generate_tokens(model: nn.Module, prompts: list[list[int]], settings: Genera
     else:
         start = pad_id if decoder_start_id is None else decoder_start_id
         steps = _EncDecSteps(model, prompts, budgets, pad_id, start)
+    if slots is not None:  # shifted by each row's left padding
+        longest = steps.ids.shape[1]
+        steps.soft = (soft_prompt, [[s + longest - len(ids) for s in row]
+                                    for ids, row in zip(prompts, slots, strict=True)])
     device = steps.cache.keys.device
-    sampler = Sampler(settings.sampling, prompts, vocab_size or model.cfg.vocab_size,
+    sampler = Sampler(settings.sampling, texts, vocab_size or model.cfg.vocab_size,
                       [row_seed(settings.seed, first_index + i) for i in range(len(prompts))],
                       device)
     rows = [RowResult() for _ in prompts]

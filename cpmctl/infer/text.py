@@ -120,7 +120,7 @@ class TextGenerator:
     """A loaded model and tokenizer with the settings and stop strings of one run."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, settings: GenerationSettings,
-                 *, stop: Sequence[str] = ()):
+                 *, stop: Sequence[str] = (), prompt=None):
         settings.check()
         if any(not s for s in stop):
             raise CpmError("a stop string must not be empty")
@@ -135,6 +135,7 @@ class TextGenerator:
         self.tokenizer = tokenizer
         self.settings = settings
         self.stop = tuple(stop)
+        self.prompt = prompt  # a soft prompt (cpmctl.prompt) around every input, or None
 
     def complete(self, prompts: Iterable[Prompt], *, batch_size: int = 1,
                  stream: Callable[[str], None] | None = None) -> Iterator[Completion]:
@@ -160,7 +161,7 @@ class TextGenerator:
         return generate_tokens(self.model, prompts, self.settings, eod_id=self.tokenizer.eod_id,
                                pad_id=self.tokenizer.pad_id,
                                vocab_size=self.tokenizer.vocab_size, first_index=index,
-                               on_token=on_token)
+                               on_token=on_token, soft_prompt=self.prompt)
 
     def _continue(self, batch: list[Prompt], index: int,
                   stream: Callable[[str], None] | None) -> Iterator[Completion]:
