@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,quickstart]"
+	$(BIN)/pip install --quiet -e ".[dev,quickstart,plot,lm-eval,peft]"
 	touch $@
 
 setup: $(BIN)/.installed

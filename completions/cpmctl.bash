@@ -2,21 +2,32 @@
 
 _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for path $1
     case "$1" in
-        '') subs='bench completion data generate model quickstart tokenizer train' opts='--debug --quiet -q --version --help -h' takes='' ;;
-        bench) subs='data perplexity speed train' opts='--help -h' takes='' ;;
+        '') subs='bench completion data generate grow model plot quickstart tokenizer train tune-prompt' opts='--debug --quiet -q --version --help -h' takes='' ;;
+        bench) subs='data data-prepare ki lm-eval moe perplexity prompt run speed tasks train zeroshot-speed' opts='--help -h' takes='' ;;
         'bench data') subs='' opts='--workers --repeat --json --help -h' takes='--workers --repeat' ;;
+        'bench data-prepare') subs='' opts='--output -o --candidates --force --no-force --help -h' takes='--output -o --candidates' ;;
+        'bench ki') subs='' opts='--dataset -d --workdir --steps --teacher --split-noise --plot --json --help -h' takes='--dataset -d --workdir --steps --teacher --split-noise --plot' ;;
+        'bench lm-eval') subs='' opts='--model -m --tasks --include-path --limit --batch-size --num-fewshot --device --dtype --seed --json --help -h' takes='--model -m --tasks --include-path --limit --batch-size --num-fewshot --device --dtype --seed' ;;
+        'bench moe') subs='' opts='--model -m --recipe -r --set --batch --prompt-tokens --new-tokens --resident-fraction --slots --simulate-bandwidth --dtype --workdir --disk --no-disk --json --help -h' takes='--model -m --recipe -r --set --batch --prompt-tokens --new-tokens --resident-fraction --slots --simulate-bandwidth --dtype --workdir' ;;
         'bench perplexity') subs='' opts='--model -m --dataset -d --split --max-tokens --window --precisions --json --help -h' takes='--model -m --dataset -d --split --max-tokens --window --precisions' ;;
+        'bench prompt') subs='' opts='--model -m --task -t --train --shape --length --batch --steps --warmup --precision --json --help -h' takes='--model -m --task -t --train --shape --length --batch --steps --warmup --precision' ;;
+        'bench run') subs='' opts='--model -m --task -t --data -d --split --limit --batch-size --seed --device --dtype --prompt -p --embeddings --output -o --force --no-force --json --help -h' takes='--model -m --task -t --data -d --split --limit --batch-size --seed --device --dtype --prompt -p --embeddings --output -o' ;;
         'bench speed') subs='' opts='--tokenizer -t --corpus --workers --model -m --recipe -r --precisions --batches --prompt-tokens --new-tokens --device --threads --baseline --no-baseline --repeat --json --help -h' takes='--tokenizer -t --corpus --workers --model -m --recipe -r --precisions --batches --prompt-tokens --new-tokens --device --threads --repeat' ;;
+        'bench tasks') subs='' opts='--json --help -h' takes='' ;;
         'bench train') subs='' opts='--recipe -r --set --steps --json --help -h' takes='--recipe -r --set --steps' ;;
+        'bench zeroshot-speed') subs='' opts='--model -m --recipe -r --tokenizer --task -t --data -d --limit --batch-size --hf --no-hf --json --help -h' takes='--model -m --recipe -r --tokenizer --task -t --data -d --limit --batch-size' ;;
         completion) subs='' opts='--help -h' takes='' ;;
         data) subs='build inspect tokenize' opts='--help -h' takes='' ;;
         'data build') subs='' opts='--output -o --text-field --format --split --min-chars --max-chars --min-cjk-ratio --max-symbol-ratio --max-repeated-line-ratio --max-repeated-ngram-ratio --repeated-ngram --blocklist --dedup --minhash-bands --minhash-rows --shingle --seed --shard-size --keep-rejected --no-keep-rejected --workers --force --json --help -h' takes='--output -o --text-field --format --split --min-chars --max-chars --min-cjk-ratio --max-symbol-ratio --max-repeated-line-ratio --max-repeated-ngram-ratio --repeated-ngram --blocklist --dedup --minhash-bands --minhash-rows --shingle --seed --shard-size --workers' ;;
         'data inspect') subs='' opts='--json --sample --seed --rejected --no-rejected --verify --help -h' takes='--sample --seed' ;;
         'data tokenize') subs='' opts='--tokenizer -t --output -o --valid-fraction --seed --workers --force --help -h' takes='--tokenizer -t --output -o --valid-fraction --seed --workers' ;;
-        generate) subs='' opts='--model -m --jsonl --json --stream --max-new-tokens --temperature --top-k --top-p --repetition-penalty --stop --seed --batch-size --dtype --quantize --device --threads --help -h' takes='--model -m --max-new-tokens --temperature --top-k --top-p --repetition-penalty --stop --seed --batch-size --dtype --quantize --device --threads' ;;
-        model) subs='convert info' opts='--help -h' takes='' ;;
+        generate) subs='' opts='--model -m --jsonl --json --stream --max-new-tokens --temperature --top-k --top-p --repetition-penalty --stop --seed --batch-size --dtype --quantize --device --threads --prompt --offload --memory-budget --slots --order --offload-from --simulate-bandwidth --cpu-compute --offload-report --help -h' takes='--model -m --max-new-tokens --temperature --top-k --top-p --repetition-penalty --stop --seed --batch-size --dtype --quantize --device --threads --prompt --memory-budget --slots --order --offload-from --simulate-bandwidth --offload-report' ;;
+        grow) subs='' opts='--from --recipe -r --output -o --set --tokenizer -t --depth-mode --new-layers --allow-inexact --split-noise --router-init --expert-noise --seed --force --json --help -h' takes='--from --recipe -r --output -o --set --tokenizer -t --depth-mode --new-layers --split-noise --router-init --expert-noise --seed' ;;
+        model) subs='convert info reshard' opts='--help -h' takes='' ;;
         'model convert') subs='' opts='--output -o --from --to --tokenizer -t --force --help -h' takes='--output -o --from --to --tokenizer -t' ;;
         'model info') subs='' opts='--recipe -r --set --json --help -h' takes='--recipe -r --set' ;;
+        'model reshard') subs='' opts='--output -o --max-shard-size --force --help -h' takes='--output -o --max-shard-size' ;;
+        plot) subs='' opts='--output -o --metric -m --x --json --help -h' takes='--output -o --metric -m --x' ;;
         quickstart) subs='' opts='--workdir -w --workers --help -h' takes='--workdir -w --workers' ;;
         tokenizer) subs='build decode encode import' opts='--help -h' takes='' ;;
         'tokenizer build') subs='' opts='--output -o --scheme --vocab-size --sample-bytes --byte-fallback --no-byte-fallback --sentinels --min-char-count --workers --force --help -h' takes='--output -o --scheme --vocab-size --sample-bytes --sentinels --min-char-count --workers' ;;
@@ -24,14 +35,19 @@ _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for pa
         'tokenizer encode') subs='' opts='--tokenizer -t --jsonl --help -h' takes='--tokenizer -t' ;;
         'tokenizer import') subs='' opts='--output -o --force --help -h' takes='--output -o' ;;
         train) subs='' opts='--recipe -r --set --resume --force --help -h' takes='--recipe -r --set' ;;
+        tune-prompt) subs='' opts='--model -m --task -t --train --valid --output -o --length --position --init --lr --weight-decay --clip --epochs --steps --batch-size --micro-batch --precision --eval-every --patience --checkpoint-every --eval-batch --seed --activation-checkpointing --device --stage2 --fix-prompt --prompt --prompt-out --to --from --force --json --help -h' takes='--model -m --task -t --train --valid --output -o --length --position --init --lr --weight-decay --clip --epochs --steps --batch-size --micro-batch --precision --eval-every --patience --checkpoint-every --eval-batch --seed --device --prompt --prompt-out --to --from' ;;
         *) subs='' opts='' takes='' ;;
     esac
 }
 
 _cpmctl_choices() {  # sets choices for "path|option"
     case "$1" in
+        'grow|--depth-mode') choices='append interleave' ;;
+        'grow|--new-layers') choices='copy init' ;;
+        'grow|--router-init') choices='zero orthogonal' ;;
         'model convert|--from') choices=hf ;;
         'model convert|--to') choices=hf ;;
+        'plot|--x') choices='step tokens' ;;
         *) choices='' ;;
     esac
 }

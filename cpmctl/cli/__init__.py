@@ -1,4 +1,4 @@
-"""The cpmctl command line: a typer app whose command groups follow ARCHITECTURE §1.
+"""The cpmctl command line: a typer app whose command groups follow docs/design.md §1.
 
 The CLI is thin: each command parses its options, calls the library, and prints the result to
 stdout. This module owns the exit codes: 0 done, 1 the job failed, 2 bad usage or bad input
@@ -15,7 +15,19 @@ import traceback
 import typer
 
 from cpmctl import __version__, artifacts
-from cpmctl.cli import bench, completion, data, generate, model, quickstart, tokenizer, train
+from cpmctl.cli import (
+    bench,
+    completion,
+    data,
+    generate,
+    grow,
+    model,
+    plot,
+    quickstart,
+    tokenizer,
+    train,
+    tune_prompt,
+)
 from cpmctl.console import settings, stderr
 from cpmctl.errors import CpmError
 
@@ -32,6 +44,9 @@ app.add_typer(tokenizer.app, name="tokenizer")
 app.add_typer(model.app, name="model")
 app.add_typer(bench.app, name="bench")
 app.command("train")(train.train)
+app.command("grow")(grow.grow)
+app.command("tune-prompt")(tune_prompt.tune_prompt)
+app.command("plot")(plot.plot)
 app.command("generate")(generate.generate)
 app.command("quickstart")(quickstart.quickstart)
 app.command("completion")(completion.completion)

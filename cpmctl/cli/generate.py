@@ -84,6 +84,31 @@ def generate(
     ),
     device: str = typer.Option("cpu", help="cpu, or cuda where there is one."),
     threads: int = typer.Option(0, help="CPU threads for PyTorch (0: its default)."),
+    prompt: Path = typer.Option(
+        None, "--prompt", help="A soft prompt (cpmctl tune-prompt) tuned on --model, placed "
+                               "around every input."),
+    offload: bool = typer.Option(
+        False, "--offload", help="MoE models: keep the experts out of memory and load each "
+                                 "as the router asks, within --memory-budget."),
+    memory_budget: str = typer.Option(
+        "2GiB", help="--offload: memory for prepared experts (slots and cache), e.g. 512MiB."),
+    slots: int = typer.Option(
+        2, help="--offload: experts held at once per layer (>= 2): one computing while the "
+                "next ones load."),
+    order: str = typer.Option(
+        "index", help="--offload: expert order per layer: index, heavy-first or resident-first."),
+    offload_from: str = typer.Option(
+        None, help="--offload: disk (read each load from the model's files; the CPU default) "
+                   "or host (every expert in RAM once; pinned, the cuda default)."),
+    simulate_bandwidth: float = typer.Option(
+        0.0, help="--offload: a SIMULATION of a slower bus for measurements: stretch each "
+                  "expert load to this many GB/s (0: off)."),
+    cpu_compute: bool = typer.Option(
+        False, "--cpu-compute", help="--offload on cuda: compute a cold expert on the CPU when "
+                                     "a measured cost model says that beats copying it."),
+    offload_report: Path = typer.Option(
+        None, help="--offload: write its metrics (hit rate per layer, bytes moved, stalls, "
+                   "peak resident expert bytes) as JSON to this file."),
 ) -> None:
     """Generate text after each prompt, one completion a line on stdout: gpt models continue
     the prompt; encdec models (CPM-2) fill the gaps marked <s_0>, <s_1>, ... and print the
@@ -101,6 +126,9 @@ def generate(
     output does not depend on --batch-size. Timings in --json are those of
     the prompt's batch.
 
+    --offload (MoE models) loads the experts as the router asks, within
+    --memory-budget; the output is the same as without it.
+
     Example: echo 今天天气很好， | cpmctl generate -m quickstart/runs/tiny-gpt/final
     """
     # NOTE: imported here: torch takes seconds to import and the other commands need none.
@@ -112,24 +140,47 @@ def generate(
         TextGenerator,
         load_for_inference,
     )
+    from cpmctl.infer.load import check_threads
 
     if text is not None and jsonl:
         raise CpmError("--jsonl reads prompts from stdin: drop TEXT or --jsonl")
     if stream and as_json:
         raise CpmError("--stream prints text as it comes: it does not go with --json")
-    if threads < 0:
-        raise CpmError(f"--threads must be 0 or more, got {threads}")
-    if threads:
+    if check_threads(threads):
         torch.set_num_threads(threads)
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens, seed=seed,
         sampling=SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty))
     settings.check(lambda name: "--" + name.replace("_", "-"))
-    loaded, tokenizer = load_for_inference(
-        model, dtype=dtype or ("bf16" if quantize else "fp32"), quantize=quantize,
-        device=device)
-    generator = TextGenerator(loaded, tokenizer, settings, stop=stop)
+    soft = None
+    if prompt is not None:
+        from cpmctl.artifacts import open_artifact
+        from cpmctl.prompt import load_prompt
+
+        soft = load_prompt(prompt, open_artifact(model).digest)
+    offloaded = None
+    if offload:
+        from cpmctl.data.shards import parse_size
+        from cpmctl.offload import OffloadSettings, load_offloaded_for_inference
+
+        offloaded, tokenizer = load_offloaded_for_inference(
+            model, OffloadSettings(
+                memory_budget=parse_size(memory_budget, "--memory-budget"), slots=slots,
+                order=order, tier=offload_from or "", simulate_bandwidth=simulate_bandwidth,
+                cpu_compute=cpu_compute),
+            dtype=dtype or ("bf16" if quantize else "fp32"), quantize=quantize, device=device)
+        loaded = offloaded.model
+    else:
+        if offload_from or simulate_bandwidth or cpu_compute or offload_report or \
+                slots != 2 or order != "index" or memory_budget != "2GiB":
+            raise CpmError("--memory-budget, --slots, --order, --offload-from, "
+                           "--simulate-bandwidth, --cpu-compute and --offload-report go with "
+                           "--offload")
+        loaded, tokenizer = load_for_inference(
+            model, dtype=dtype or ("bf16" if quantize else "fp32"), quantize=quantize,
+            device=device)
+    generator = TextGenerator(loaded, tokenizer, settings, stop=stop, prompt=soft)
     show = (lambda chunk: _write(one_line(chunk))) if stream else None
     count = tokens = 0
     started = time.perf_counter()
@@ -141,6 +192,14 @@ def generate(
             _write("\n" if stream else one_line(completion.text) + "\n")
         count += 1
         tokens += completion.tokens
+    elapsed = time.perf_counter() - started
     if count:
-        info(f"{count} completion(s), {tokens:,} tokens in "
-             f"{time.perf_counter() - started:.2f} s")
+        info(f"{count} completion(s), {tokens:,} tokens in {elapsed:.2f} s")
+    if offloaded is not None:
+        from cpmctl.offload import summary_line
+
+        report = offloaded.report(tokens, elapsed)
+        offloaded.close()
+        info(summary_line(report))
+        if offload_report is not None:
+            offload_report.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
