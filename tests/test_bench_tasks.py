@@ -29,6 +29,7 @@ from cpmctl.models.artifact import save_model
 from cpmctl.quickstart import package_dir
 from cpmctl.tokenizer import load_tokenizer
 from cpmctl.tokenizer.build import build_tokenizer
+from tests.conftest import SENTIMENT_TASK
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +79,6 @@ def gpt_token_logprobs(model, ids: list[int], scored: int) -> list[float]:
     return [logp[t - 1, ids[t]].item() for t in range(len(ids) - scored, len(ids))]
 
 
-SENTIMENT_TASK = """
-rule = "cpm1"
-context = ["这是一条{choice}："]
-continuation = "{text}"
-label_field = "label"
-[labels]
-pos = "好评"
-neg = "差评"
-"""
 
 
 def test_cpm1_rule_is_the_lowest_mean_token_loss(tiny, tmp_path):

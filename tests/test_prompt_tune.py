@@ -25,17 +25,9 @@ from cpmctl.prompt import load_prompt
 from cpmctl.prompt.tune import TuneInputs, Tuner, TuneSettings
 from cpmctl.quickstart import package_dir
 from cpmctl.tokenizer.build import build_tokenizer
+from tests.conftest import SENTIMENT_TASK
 
-TASK = """
-name = "tiny-sentiment"
-rule = "cpm1"
-context = ["这是一条{choice}："]
-continuation = "{text}"
-label_field = "label"
-[labels]
-pos = "好评"
-neg = "差评"
-"""
+TASK = 'name = "tiny-sentiment"\n' + SENTIMENT_TASK
 
 
 def _reviews(polarity: str, count: int) -> list[str]:

@@ -10,12 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cpmctl.console import info
-
-
-def _size(n: float) -> str:
-    from cpmctl.offload.engine import human_bytes
-
-    return human_bytes(n)
+from cpmctl.resources import human_bytes
 
 
 def moe(
@@ -60,9 +55,10 @@ def moe(
         return
     console = Console(highlight=False, width=None if Console().is_terminal else 160)
     title = (f"{report['arch']} MoE, {report['moe_layers']} layers x "
-             f"{report['experts_per_layer']} experts of {_size(report['expert_bytes'])} "
-             f"({_size(report['expert_memory_bytes'])}); budget "
-             f"{_size(report['memory_budget_bytes'])} ({report['resident_experts']} experts); "
+             f"{report['experts_per_layer']} experts of {human_bytes(report['expert_bytes'])} "
+             f"({human_bytes(report['expert_memory_bytes'])}); budget "
+             f"{human_bytes(report['memory_budget_bytes'])} "
+             f"({report['resident_experts']} experts); "
              f"batch {report['batch']}, {report['new_tokens']} new tokens; simulated "
              f"{report['simulated_bandwidth_gb_s']:.3f} GB/s ({report['bandwidth_rule']}; "
              f"read {report['read_bandwidth_gb_s']:.1f} GB/s)")
@@ -77,10 +73,10 @@ def moe(
             run["run"], f"{run['tokens_per_s']:.2f}", f"{run['vs_resident']:.3f}",
             f"{run['vs_on_demand']:.2f}",
             f"{100 * run['hit_rate']:.1f}%" if "hit_rate" in run else "-",
-            _size(per_token) if per_token else "-",
+            human_bytes(per_token) if per_token else "-",
             f"{run['stall_s']:.2f}" if "stall_s" in run else "-",
-            _size(run["peak_resident_expert_bytes"]) if "layers" in run else "-",
-            _size(read) if read is not None else "-", "yes" if run["identical"] else "NO")
+            human_bytes(run["peak_resident_expert_bytes"]) if "layers" in run else "-",
+            human_bytes(read) if read is not None else "-", "yes" if run["identical"] else "NO")
     console.print(table)
     main = next(r for r in report["runs"] if r["run"] == "offloaded heavy-first")
     layers = Table(title="hit rate per MoE layer (offloaded heavy-first)", title_justify="left")

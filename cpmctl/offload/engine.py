@@ -45,16 +45,10 @@ from cpmctl.offload.store import (
     storage_ids,
     tensor_bytes,
 )
+from cpmctl.resources import human_bytes
 
 TIERS = ("disk", "host")
 _EXPERT_PART = ".experts."
-
-
-def human_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)
