@@ -10,6 +10,9 @@ transformers' `GPT2LMHeadModel.generate` (greedy, exactly as many new tokens). R
 of our runs: its decode speed as a multiple of transformers' at the same batch (int8 against
 transformers' bf16, which has no int8), and its effective bandwidth as a fraction of the
 measured one: at batch 1, how close decoding comes to the speed the memory allows.
+With `module_step`, each of our runs is repeated as `cpmctl-modules`: the same generation
+stepping through the module forward instead of the planned step (cpmctl.infer.planned), and
+ours is reported as a multiple of it (`vs_module_step`, decode; `prefill_vs_module_step`).
 
 Each measurement runs in a process of its own (`python -m cpmctl.bench.generation` with a JSON
 spec on stdin): peak memory is that process's peak resident set (or CUDA's peak allocation),
@@ -86,12 +89,14 @@ def _prompts(spec: dict, vocab: int) -> torch.Tensor:
     return torch.from_numpy(ids)
 
 
-def _time_ours(model: nn.Module, prompts: torch.Tensor, new_tokens: int, pad_id: int):
+def _time_ours(model: nn.Module, prompts: torch.Tensor, new_tokens: int, pad_id: int,
+               planned: bool = True):
     from cpmctl.infer import GenerationSettings, SamplingSettings, generate_tokens
 
     settings = GenerationSettings(max_new_tokens=new_tokens,
                                   sampling=SamplingSettings(temperature=0.0))
-    result = generate_tokens(model, prompts.tolist(), settings, eod_id=None, pad_id=pad_id)
+    result = generate_tokens(model, prompts.tolist(), settings, eod_id=None, pad_id=pad_id,
+                             planned_step=planned)
     return result.prefill_s, result.decode_s, [row.tokens for row in result.rows]
 
 
@@ -131,7 +136,10 @@ def measure(spec: dict) -> dict:
         weights, timer = _weight_bytes(model), _time_transformers
     else:
         model, pad_id, weights = _our_model(spec)
-        timer = _time_ours
+        planned = spec["impl"] == "cpmctl"
+
+        def timer(*args):
+            return _time_ours(*args, planned=planned)
     vocab = model.config.vocab_size if transformers else model.cfg.vocab_size
     prompts = _prompts(spec, vocab)
     timer(model, prompts, 4, pad_id)  # warm-up: allocator, kernels, thread pools
@@ -191,16 +199,18 @@ def _run_isolated(spec: dict) -> dict:
 
 def bench_generation(*, model: str | None, recipe: str | None, precisions: list[str],
                      batches: list[int], prompt_tokens: int, new_tokens: int, repeat: int,
-                     device: str, threads: int | None, baseline: bool, progress) -> dict:
-    """Every (precision, batch) for ours, and for transformers where it has the precision;
-    the measured bandwidth; our ratios to transformers and to the bandwidth limit."""
+                     device: str, threads: int | None, baseline: bool, progress,
+                     module_step: bool = False) -> dict:
+    """Every (precision, batch) for ours (and through the module forward, `module_step`), and
+    for transformers where it has the precision; the measured bandwidth; our ratios to them and
+    to the bandwidth limit."""
     arch = _arch(model, recipe)
     base = {"model": model, "recipe": recipe, "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "repeat": repeat, "device": device, "threads": threads}
     runs = []
     for precision in precisions:
         for batch in batches:
-            impls = ["cpmctl"]
+            impls = ["cpmctl", "cpmctl-modules"] if module_step else ["cpmctl"]
             if baseline and arch == "gpt" and precision != "int8":
                 impls.append("transformers")
             for impl in impls:
@@ -228,17 +238,26 @@ def _arch(model: str | None, recipe: str | None) -> str:
 
 
 def _compare(runs: list[dict], bandwidth_gb_s: float) -> None:
-    """Adds to each of our runs `vs_transformers` (its decode tokens/s over transformers' at the
-    same batch, in BASELINE_PRECISION) and `of_bandwidth` (effective GB/s over the measured)."""
+    """Adds to each of our runs `of_bandwidth` (effective GB/s over the measured), and to the
+    planned ones `vs_transformers` (decode tokens/s over transformers' at the same batch, in
+    BASELINE_PRECISION) and, where measured, `vs_module_step` / `prefill_vs_module_step`
+    (decode / prefill tokens/s over the module forward's, same precision and batch)."""
     theirs = {(r["precision"], r["batch"]): r["decode_tok_s"] for r in runs
               if r["impl"] == "transformers"}
+    modules = {(r["precision"], r["batch"]): r for r in runs if r["impl"] == "cpmctl-modules"}
     for run in runs:
-        if run["impl"] != "cpmctl":
+        if run["impl"] == "transformers":
             continue
         run["of_bandwidth"] = run["effective_gb_s"] / bandwidth_gb_s if bandwidth_gb_s else None
+        if run["impl"] != "cpmctl":
+            continue
         baseline = theirs.get((BASELINE_PRECISION[run["precision"]], run["batch"]))
         if baseline:
             run["vs_transformers"] = run["decode_tok_s"] / baseline
+        module = modules.get((run["precision"], run["batch"]))
+        if module:
+            run["vs_module_step"] = run["decode_tok_s"] / module["decode_tok_s"]
+            run["prefill_vs_module_step"] = run["prefill_tok_s"] / module["prefill_tok_s"]
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ values do not grow: they are computed from the encoder output on the first decod
 kept in `cross`.
 
 The cache's dtype is the attention's: the models cast the queries to it and the attention
-output back. NOTE: on the CPU, generation keeps a bf16 model's cache in fp32 (generate.py):
-PyTorch's CPU attention kernel is 4-5x slower in bf16 than in fp32 for one query over a
-cached prefix (66 vs 14 us at 100 keys, 12 heads x 64, measured here), which would cost a bf16
-CPM-Small more than a millisecond per token.
+output back. NOTE: on the CPU, a GPT's generation runs through planned.py, whose C attention
+reads a bf16 cache as fast as an fp32 one, and keeps a bf16 or int8 model's cache in bf16;
+where it does not apply, the module forward keeps the cache in fp32 (generate.py): PyTorch's
+CPU attention kernel is 4-5x slower in bf16 than in fp32 for one query over a cached prefix
+(66 vs 14 us at 100 keys, 12 heads x 64, measured here).
 """
 
 from __future__ import annotations

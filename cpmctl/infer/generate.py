@@ -18,6 +18,9 @@ How a batch runs:
   training's: `<pad>`) with a self-attention cache, the cross-attention keys and values being
   computed once from the encoder output.
 - Batch 1 with no padding attends without any mask tensor (SDPA's fastest path).
+- A GPT's prefill and decoding steps run through a plan made once (planned.py: no module
+  calls, the attention in C, a bf16 cache for a bf16 or int8 model) where it applies, else
+  through the module forward; `planned_step=False` forces the module forward (to compare).
 
 Length: a row generates at most `max_new_tokens`, and a GPT row at most what fits in the model's
 context (model.max_positions) after its prompt: it then ends with finish reason 'length'. A
@@ -40,6 +43,7 @@ from torch import nn
 
 from cpmctl.errors import CpmError
 from cpmctl.infer.cache import KVCache
+from cpmctl.infer.planned import PlannedGpt
 from cpmctl.infer.sampling import Sampler, SamplingSettings
 
 #: Called after each new token of an active row (except <eod>) with the row's tokens so far;
@@ -139,8 +143,9 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device
 
 
 def cache_dtype(model: nn.Module) -> torch.dtype:
-    """The KV cache's dtype: the activations' (the word embedding's: an int8 model keeps it in
-    bf16), but fp32 on the CPU, where attention is much faster in fp32 (cache.py)."""
+    """The module forward's KV cache dtype: the activations' (the word embedding's: an int8
+    model keeps it in bf16), but fp32 on the CPU, where PyTorch's attention is much faster in
+    fp32 (cache.py). The planned steps choose their own (PlannedGpt.cache_dtype)."""
     weight = (model.wte if model.cfg.arch == "gpt" else model.shared).weight
     return torch.float32 if weight.device.type == "cpu" else weight.dtype
 
@@ -159,15 +164,17 @@ class _GptSteps:
     soft = None  # (soft prompt, slot positions per row) when one is applied
 
     def __init__(self, model: nn.Module, prompts: list[list[int]], budgets: list[int],
-                 pad_id: int):
+                 pad_id: int, planned_step: bool = True):
         self.model = model
         device = model.wte.weight.device
         self.ids, prompt_mask = left_pad(prompts, pad_id, device)
         prompt_len = self.ids.shape[1]
         # the last generated token is never fed back: max(budget) - 1 slots after the prompt
         slots = prompt_len + max(budgets) - 1
-        self.cache = KVCache.for_model(model.cfg, len(prompts), slots,
-                                       dtype=cache_dtype(model), device=device)
+        self.plan = PlannedGpt.plan(model) if planned_step else None
+        dtype = cache_dtype(model) if self.plan is None else self.plan.cache_dtype
+        self.cache = KVCache.for_model(model.cfg, len(prompts), slots, dtype=dtype,
+                                       device=device)
         self.mask = None  # [batch, slots], kept only when a row is padded or has finished
         if len(prompts) > 1:
             self.mask = torch.ones((len(prompts), slots), dtype=torch.long, device=device)
@@ -178,6 +185,9 @@ class _GptSteps:
 
     def _logits(self, ids: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         end = self.cache.length + ids.shape[1]
+        if self.plan is not None:
+            return self.plan.forward(None if embeds is not None else ids, self.cache,
+                                     self.mask if self.masked else None, embeds=embeds)
         mask = self.mask[:, :end] if self.masked else None
         hidden = self.model(ids if embeds is None else None, mask, inputs_embeds=embeds,
                             cache=self.cache, return_hidden=True)
@@ -230,7 +240,8 @@ class _EncDecSteps:
 def generate_tokens(model: nn.Module, prompts: list[list[int]], settings: GenerationSettings,
                     *, eod_id: int | None, pad_id: int, decoder_start_id: int | None = None,
                     vocab_size: int | None = None, first_index: int = 0,
-                    on_token: OnToken | None = None, soft_prompt=None) -> BatchResult:
+                    on_token: OnToken | None = None, soft_prompt=None,
+                    planned_step: bool = True) -> BatchResult:
     """Generate after each prompt (token ids) of one batch; see the module docstring.
 
     `eod_id` None never stops at <eod> (benchmarks that want exactly max_new_tokens).
@@ -238,7 +249,9 @@ def generate_tokens(model: nn.Module, prompts: list[list[int]], settings: Genera
     to the tokenizer's, when the model's vocabulary is larger (padded). `first_index` is the
     index of the batch's first prompt in the whole input (it picks the sampling seeds).
     `soft_prompt` (cpmctl.prompt) places its slots around every prompt; they count towards
-    the context.
+    the context. `planned_step` False runs a GPT through the module forward instead of the
+    planned steps (to compare their speed; the numbers differ only in the attention's
+    summation order).
     """
     settings.check()
     texts, slots = prompts, None
@@ -253,7 +266,7 @@ def generate_tokens(model: nn.Module, prompts: list[list[int]], settings: Genera
         budgets.append(settings.max_new_tokens if room is None
                        else min(settings.max_new_tokens, room))
     if model.cfg.arch == "gpt":
-        steps = _GptSteps(model, prompts, budgets, pad_id)
+        steps = _GptSteps(model, prompts, budgets, pad_id, planned_step)
     else:
         start = pad_id if decoder_start_id is None else decoder_start_id
         steps = _EncDecSteps(model, prompts, budgets, pad_id, start)

@@ -14,7 +14,8 @@ $XDG_CACHE_HOME/cpmctl/kernels (~/.cache by default), named by a hash of the sou
 and the CPU, and loaded with ctypes; it runs its threads in the OpenMP runtime PyTorch has
 already loaded (the same libgomp), as many as `torch.get_num_threads()`. Where there is no
 compiler, no AVX2, or the build fails, `library()` is None and quantize.py uses PyTorch's
-kernel; `CPMCTL_INT8_KERNEL=torch` forces that (to compare the two). A build that fails warns
+kernel; `CPMCTL_INT8_KERNEL=torch` forces that (to compare the two; it also turns off the
+library's other kernel, generation's attention, attend.c). A build that fails warns
 once, with the compiler's last lines.
 
 C trusts its pointers, so `matmul` checks every argument against the layer's shapes, dtypes and
@@ -39,7 +40,10 @@ import torch
 
 from cpmctl.console import warn
 
-SOURCE = Path(__file__).with_name("int8_matmul.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8_matmul.c", "attend.c"))
+HEADERS = (Path(__file__).with_name("bf16.h"),)
+"""Built into one library: the int8 matmul and the attention of generation's planned steps
+(attention_kernel.py)."""
 KERNEL_ENV, MARCH_ENV = "CPMCTL_INT8_KERNEL", "CPMCTL_INT8_MARCH"
 TORCH = "torch _weight_int8pack_mm"
 
@@ -73,6 +77,11 @@ def library() -> ctypes.CDLL | None:
     lib.cpmctl_int8_matmul.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.cpmctl_attend.restype = ctypes.c_int
+    lib.cpmctl_attend.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -87,7 +96,9 @@ def _march() -> str:
 def _build_key(compiler: str) -> str:
     """A hash of what the binary depends on: the source, the compiler and its target, the CPU's
     features."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in SOURCES + HEADERS:
+        digest.update(source.read_bytes())
     digest.update(f"{compiler}\0{_march()}".encode())
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
@@ -109,8 +120,8 @@ def _build(compiler: str, path: Path) -> bool:
         return False
     try:
         done = subprocess.run(
-            [compiler, "-O3", f"-march={_march()}", "-fopenmp", "-fPIC", "-shared", str(SOURCE),
-             "-o", temporary], capture_output=True)
+            [compiler, "-O3", f"-march={_march()}", "-fopenmp", "-fPIC", "-shared",
+             *map(str, SOURCES), "-o", temporary], capture_output=True)
         if done.returncode == 0:
             os.replace(temporary, path)
             return True
@@ -208,7 +219,7 @@ def _fake(x, packed, scales, bias, out_features):
     return x.new_empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
 
 
-_OP = torch.ops.cpmctl.int8_matmul.default
+OP = torch.ops.cpmctl.int8_matmul.default
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
@@ -226,4 +237,4 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
         x = x.to(torch.bfloat16)
     if not x.is_contiguous():
         x = x.contiguous()
-    return _OP(x, packed, scales, bias, out_features)
+    return OP(x, packed, scales, bias, out_features)

@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define ROWS 4        /* output channels per packed block */
 #define COLS 32       /* inputs per slice */
 #define PREFETCH 512  /* bytes ahead of the slice being read */
@@ -81,21 +83,6 @@ static inline float total(fvec sum) {
 
 int cpmctl_int8_layout(int which) { return which == 0 ? ROWS : COLS; }
 const char *cpmctl_int8_variant(void) { return VARIANT; }
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof value);
-    return value;
-}
-
-static inline uint16_t float_to_bf16(float value) {  /* round to nearest even */
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 0x40);  /* NaN */
-    bits += 0x7fff + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
 
 /* xq[m] = round(x[m] / xscale[m]) with xscale[m] = max|x[m]| / 32767; padded with zeros to kp.
  * A row holding inf or NaN gets a NaN scale, which makes its outputs NaN; a row below TINY

@@ -47,6 +47,12 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def step_function(self):
+        """forward as a closure over the layer's tensors (planned.py calls it ~50 times a
+        token; the module call around it costs more than the closure)."""
+        op, packed, bias = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias
+        return lambda x: op(x, packed, bias, "none", [], "")
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")

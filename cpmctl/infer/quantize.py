@@ -87,6 +87,16 @@ class Int8Linear(nn.Module):
             y += self.bias
         return y.view(*shape[:-1], self.out_features)
 
+    def step_function(self):
+        """forward as a closure for planned.py, whose inputs are contiguous bf16 CPU
+        tensors of in_features (it checks the widths once, when it plans the step): cpmctl's
+        kernel op without int8_kernel.matmul's per-call checks; PyTorch's kernel as forward."""
+        if self.kernel == int8_kernel.TORCH:
+            return self.forward
+        op, weight, scales, bias, out = (int8_kernel.OP, self.weight, self.scales, self.bias,
+                                         self.out_features)
+        return lambda x: op(x, weight, scales, bias, out)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, kernel={self.kernel!r}")

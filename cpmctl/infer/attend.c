@@ -1,0 +1,145 @@
+/* New tokens' self-attention for every (row, head, token): append the tokens' keys and values
+ * to the KV cache, then attend each query over the cached prefix and the new tokens up to its
+ * own (causal). A decoding step has one new token per row; a prefill, the whole prompt. Built
+ * into the same library as int8_matmul.c (cpmctl/infer/int8_kernel.py);
+ * cpmctl/infer/attention_kernel.py explains why it exists and checks every argument before
+ * calling it. This file is only the arithmetic.
+ *
+ * qkv: [batch][n_new][3][heads][d_head] (the fused QKV projection's output, q then k then v),
+ * fp32 or bf16. keys, values: [batch][heads][max_len][d_head], fp32 or bf16. Token s goes to
+ * position length + s and its query attends positions 0 .. length + s where mask (int64, row
+ * stride mask_stride; NULL: every position) is nonzero. out: [batch][n_new][heads][d_head]
+ * (merged heads, the output projection's input) in qkv's dtype.
+ *
+ * The scores and the softmax are fp32, each query on its own, the visible keys in order: a
+ * row's outputs do not depend on the other rows, nor on how much padding precedes it (masked
+ * keys are skipped, not added as zeros). The dot product is scaled by 1/sqrt(d_head) after,
+ * as PyTorch's attention does. A query with no visible key gets zeros.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+#define LANES 16  /* partial sums per dot product: one AVX-512 register of fp32 */
+
+/* element i of a vector stored in fp32 (bf16 = 0) or bf16 (bf16 = 1) */
+static inline float load(const void *p, size_t i, const int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store(void *p, size_t i, float value, const int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(value);
+    else ((float *)p)[i] = value;
+}
+
+/* Copy token s of row b, head h from qkv into the cache (in the cache's dtype). Inlined with
+ * constant dtype flags, like attend_query, so that each combination is a branch-free loop. */
+static inline __attribute__((always_inline)) void append_token(
+        const void *qkv, const int act_bf16, void *keys, void *values, const int cache_bf16,
+        int b, int s, int h, int n_new, int heads, int d_head, int max_len, int length) {
+    const size_t width = (size_t)heads * d_head;
+    const size_t k_at = ((size_t)b * n_new + s) * 3 * width + width + (size_t)h * d_head;
+    const size_t new_at = (((size_t)b * heads + h) * max_len + length + s) * d_head;
+    for (int d = 0; d < d_head; d++) {
+        store(keys, new_at + d, load(qkv, k_at + d, act_bf16), cache_bf16);
+        store(values, new_at + d, load(qkv, k_at + width + d, act_bf16), cache_bf16);
+    }
+}
+
+/* The query of token s of row b, head h, over positions 0 .. length + s. */
+static inline __attribute__((always_inline)) void attend_query(
+        const void *qkv, const int act_bf16, const void *keys, const void *values,
+        const int cache_bf16, int b, int s, int h, int n_new, int heads, int d_head,
+        int max_len, int length, const int64_t *mask, int mask_stride, void *out, float *q,
+        float *scores) {
+    const size_t width = (size_t)heads * d_head;
+    const size_t token = (size_t)b * n_new + s;
+    const size_t q_at = token * 3 * width + (size_t)h * d_head;
+    const size_t cache_at = ((size_t)b * heads + h) * max_len * d_head;
+    const int last = length + s;
+    for (int d = 0; d < d_head; d++) q[d] = load(qkv, q_at + d, act_bf16);
+    const float scale = 1.0f / sqrtf((float)d_head);
+    const int64_t *visible = mask ? mask + (size_t)b * mask_stride : NULL;
+    float largest = -INFINITY;
+    for (int j = 0; j <= last; j++) {
+        if (visible && !visible[j]) {
+            scores[j] = -INFINITY;
+            continue;
+        }
+        const size_t k_at = cache_at + (size_t)j * d_head;
+        float partial[LANES] = {0};
+        int d = 0;
+        for (; d + LANES <= d_head; d += LANES)
+            for (int i = 0; i < LANES; i++)
+                partial[i] += q[d + i] * load(keys, k_at + d + i, cache_bf16);
+        float dot = 0.0f;
+        for (; d < d_head; d++) dot += q[d] * load(keys, k_at + d, cache_bf16);
+        for (int i = 0; i < LANES; i++) dot += partial[i];
+        scores[j] = dot * scale;
+        largest = fmaxf(largest, scores[j]);
+    }
+    float *acc = q;  /* the query is no longer needed: accumulate the output in its place */
+    for (int d = 0; d < d_head; d++) acc[d] = 0.0f;
+    float total = 0.0f;
+    if (largest > -INFINITY) {
+        for (int j = 0; j <= last; j++) {
+            if (scores[j] == -INFINITY) continue;
+            const float p = expf(scores[j] - largest);
+            const size_t v_at = cache_at + (size_t)j * d_head;
+            total += p;
+            for (int d = 0; d < d_head; d++) acc[d] += p * load(values, v_at + d, cache_bf16);
+        }
+    }
+    const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
+    const size_t out_at = token * width + (size_t)h * d_head;
+    for (int d = 0; d < d_head; d++) store(out, out_at + d, acc[d] * inverse, act_bf16);
+}
+
+/* The four (activation, cache) dtype combinations, each its own specialised loop. */
+#define BY_DTYPE(call, ...)                                                        \
+    do {                                                                            \
+        if (act_bf16 && cache_bf16) call(qkv, 1, keys, values, 1, __VA_ARGS__);     \
+        else if (act_bf16) call(qkv, 1, keys, values, 0, __VA_ARGS__);              \
+        else if (cache_bf16) call(qkv, 0, keys, values, 1, __VA_ARGS__);            \
+        else call(qkv, 0, keys, values, 0, __VA_ARGS__);                            \
+    } while (0)
+
+/* Returns 0, or -1 when out of memory for the per-thread scratch. */
+int cpmctl_attend(const void *qkv, int act_bf16, int batch, int n_new, int heads, int d_head,
+                  void *keys, void *values, int cache_bf16, int max_len, int length,
+                  const int64_t *mask, int mask_stride, void *out, int threads) {
+    const int pairs = batch * heads, queries = batch * n_new * heads;
+    const int keys_seen = length + n_new;
+    int failed = 0;
+    /* below ~64k multiply-adds a second thread costs more to wake than it saves */
+    #pragma omp parallel num_threads(threads) \
+        if ((long)queries * keys_seen * d_head >= 65536)
+    {
+        #pragma omp for schedule(static)
+        for (int pair = 0; pair < pairs; pair++)
+            for (int s = 0; s < n_new; s++)
+                BY_DTYPE(append_token, pair / heads, s, pair % heads, n_new, heads, d_head,
+                         max_len, length);
+        /* (the loop's implicit barrier: every key is in the cache before a query reads it) */
+        float *q = malloc((size_t)d_head * sizeof(float));
+        float *scores = malloc((size_t)keys_seen * sizeof(float));
+        if (!q || !scores) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int query = 0; query < queries; query++) {
+            if (!q || !scores) continue;
+            const int h = query % heads, s = (query / heads) % n_new;
+            const int b = query / heads / n_new;
+            BY_DTYPE(attend_query, b, s, h, n_new, heads, d_head, max_len, length, mask,
+                     mask_stride, out, q, scores);
+        }
+        free(q);
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}

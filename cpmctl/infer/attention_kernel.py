@@ -1,0 +1,107 @@
+"""Generation's self-attention in C (attend.c): append new tokens' keys and values to the KV
+cache and attend their queries over the cached prefix, causally, every row and head in one call.
+
+Why: a decoding step has one query per row. Through PyTorch that is a split of the fused QKV
+output, two cache writes, a cast, `scaled_dot_product_attention` and a merge of the heads per
+layer, ~25 operator calls whose fixed costs (not the arithmetic: 12 heads x 160 keys x 64 is
+~250k multiply-adds) dominate; and PyTorch's CPU attention is several times slower over a bf16
+cache than over an fp32 one, so the cache was kept in fp32, twice the bytes a bf16 model's keys
+need. The kernel reads the QKV output as it is, writes the keys and values into the cache in its
+dtype, and writes the attention output with the heads already merged: one call per layer, over
+a bf16 cache (exact for a bf16 model, whose keys and values are bf16 to begin with).
+
+It also runs the prefill (many new tokens per row), for a second reason: each query is computed
+on its own over its visible keys in order, so a row's numbers do not depend on the batch it is
+in or the padding before it, which SDPA's masked and unmasked paths do not promise; with
+row-independent matmuls (cpmctl's int8 kernel) the batch size cannot change the text.
+
+It lives in the same library as the int8 matmul (int8_kernel.library(), built on first use);
+where that library is not available, `available()` is False and generation uses PyTorch.
+`attend` checks every tensor against the others before the call: C trusts its pointers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cpmctl.infer import int8_kernel
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> bool:
+    return int8_kernel.library() is not None
+
+
+def check(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
+          mask: torch.Tensor | None) -> None:
+    """ValueError unless the call reads and writes inside its tensors: qkv [batch, new, 3 *
+    heads * d_head] and keys/values [batch, heads, max_len, d_head] contiguous CPU tensors of
+    fp32 or bf16, length + new <= max_len, mask (if any) int64 [batch, >= length + new] with
+    unit column stride."""
+    problems = []
+    tensors = [qkv, keys, values] + ([mask] if mask is not None else [])
+    if any(t.device.type != "cpu" for t in tensors):
+        problems.append("every tensor must be on the CPU")
+    if keys.dim() != 4 or keys.shape != values.shape or keys.dtype != values.dtype:
+        problems.append(f"keys {tuple(keys.shape)} {keys.dtype} and values "
+                        f"{tuple(values.shape)} {values.dtype} must be one 4-d shape and dtype")
+    elif qkv.dim() != 3 or qkv.shape[0] != keys.shape[0] or \
+            qkv.shape[2] != 3 * keys.shape[1] * keys.shape[3]:
+        problems.append(f"qkv {tuple(qkv.shape)} does not match a cache of "
+                        f"{tuple(keys.shape)}")
+    elif not (0 <= length and 1 <= qkv.shape[1] <= keys.shape[2] - length):
+        problems.append(f"{qkv.shape[1]} new positions after {length} do not fit a cache of "
+                        f"{keys.shape[2]}")
+    if qkv.dtype not in DTYPES or keys.dtype not in DTYPES:
+        problems.append(f"qkv {qkv.dtype} and the cache {keys.dtype} must be fp32 or bf16")
+    if not (qkv.is_contiguous() and keys.is_contiguous() and values.is_contiguous()):
+        problems.append("qkv, keys and values must be contiguous")
+    if mask is not None and (mask.dtype != torch.int64 or mask.dim() != 2
+                             or mask.shape[0] != qkv.shape[0]
+                             or mask.shape[1] < length + qkv.shape[1] or mask.stride(1) != 1):
+        problems.append(f"mask {mask.dtype} {tuple(mask.shape)} must be int64 [batch, >= "
+                        f"{length} + new] with contiguous rows")
+    if problems:
+        raise ValueError("attention kernel: " + "; ".join(problems))
+
+
+def _compute(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
+             mask: torch.Tensor | None) -> torch.Tensor:
+    batch, heads, max_len, d_head = keys.shape
+    new = qkv.shape[1]
+    out = torch.empty(batch, new, heads * d_head, dtype=qkv.dtype)
+    status = int8_kernel.library().cpmctl_attend(
+        qkv.data_ptr(), qkv.dtype == torch.bfloat16, batch, new, heads, d_head,
+        keys.data_ptr(), values.data_ptr(), keys.dtype == torch.bfloat16, max_len, length,
+        None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+        out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"attention kernel: no memory for {length + new} scores")
+    return out
+
+
+# NOTE: torch.library.Library rather than @custom_op, for the reason int8_kernel.py gives
+_LIBRARY = torch.library.Library("cpmctl", "FRAGMENT")
+_LIBRARY.define("attend(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int length, "
+                "Tensor? mask) -> Tensor")
+_LIBRARY.impl("attend", _compute, "CPU")
+
+
+@torch.library.register_fake("cpmctl::attend")
+def _fake(qkv, keys, values, length, mask):
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], keys.shape[1] * keys.shape[3])
+
+
+_OP = torch.ops.cpmctl.attend.default
+
+
+def attend(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv [batch, new, 3 * heads * d_head] -> the attention output [batch, new, heads *
+    d_head] in qkv's dtype. The new tokens' keys and values are written into keys/values
+    [batch, heads, max_len, d_head] at positions length .. length + new - 1, and token s's
+    query attends positions 0 .. length + s where `mask` [batch, >= length + new] (1 = attend;
+    None: all) allows."""
+    check(qkv, keys, values, length, mask)
+    return _OP(qkv, keys, values, length, mask)

@@ -1,0 +1,130 @@
+"""A GPT's generation steps planned once: the prefill and every decoding step through the layers
+with no module calls, the attention in one C call per layer (attention_kernel.py), the KV cache
+in the activations' dtype.
+
+Why: at batch 1 a decoding step's arithmetic is its weight bytes (~108 MB for CPM-Small in
+int8, ~3 ms at this machine's bandwidth), but the module forward around it made ~1,000 operator
+calls per token (views, splits, transposes, casts, cache slices, SDPA's own dispatch, module
+__call__s), which cost nearly as much again. The plan resolves every layer once into direct
+calls (`step_function` of each linear layer: the oneDNN-packed op, cpmctl's int8 op or
+F.linear) and leaves 9 calls a layer:
+
+    h = layer_norm(x); a = attend(qkv(h), cache); x = x + proj(a)
+    h = layer_norm(x); x = x + down(gelu(up(h)))
+
+It computes what the module forward does, with the same layers in the same dtypes; the
+attention differs in its fp32 summation order, and in the cache's dtype: bf16 for a bf16 or
+int8 model, whose keys and values are bf16 to begin with (so exactly), fp32 for an fp32 one.
+With cpmctl's int8 kernel every operation of the plan computes each row on its own, so an int8
+model's text does not depend on the batch size, to the bit.
+
+`PlannedGpt.plan(model)` is None where the plan does not apply, and generation then runs the
+module forward as before: a non-GPT or MoE model, a model off the CPU, an unknown layer type, or
+no kernel library (attention_kernel.available()).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpmctl.infer import attention_kernel
+from cpmctl.infer.cache import KVCache
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _step_function(module: nn.Module, in_features: int, out_features: int,
+                   dtype: torch.dtype) -> Linear | None:
+    """The layer as a direct call, if it is one of the kinds prepare_for_inference makes and has
+    the expected shape (else None: no plan)."""
+    if getattr(module, "in_features", None) != in_features or \
+            getattr(module, "out_features", None) != out_features:
+        return None
+    if hasattr(module, "step_function"):  # PackedLinear, Int8Linear
+        return module.step_function()
+    if type(module) is nn.Linear and module.weight.dtype == dtype:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return None
+
+
+class _Layer:
+    """One block's norms and linear calls."""
+
+    def __init__(self, block: nn.Module, qkv: Linear, proj: Linear, up: Linear, down: Linear):
+        self.ln_1 = (block.ln_1.weight, block.ln_1.bias)
+        self.ln_2 = (block.ln_2.weight, block.ln_2.bias)
+        self.qkv, self.proj, self.up, self.down = qkv, proj, up, down
+
+
+class PlannedGpt:
+    """`forward(ids, cache, mask) -> logits of each row's last position`, continuing the cache."""
+
+    def __init__(self, model: nn.Module, layers: list[_Layer], head: Linear):
+        cfg = model.cfg
+        self.wte, self.wpe = model.wte.weight, model.wpe.weight
+        self.ln_f = (model.ln_f.weight, model.ln_f.bias)
+        self.layers, self.head = layers, head
+        self.shape, self.eps = (cfg.d_model,), cfg.eps
+        self.max_positions = cfg.max_positions
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the activations, keys and values (see the module docstring)."""
+        return self.wte.dtype
+
+    @classmethod
+    def plan(cls, model: nn.Module) -> PlannedGpt | None:
+        cfg = model.cfg
+        if cfg.arch != "gpt" or cfg.moe.experts > 0 or model.training:
+            return None
+        dtype = model.wte.weight.dtype
+        if model.wte.weight.device.type != "cpu" or dtype not in attention_kernel.DTYPES \
+                or not attention_kernel.available():
+            return None
+        d, inner, ff = cfg.d_model, cfg.n_heads * cfg.head_size, cfg.ffn_size
+        layers = []
+        for block in model.blocks:
+            calls = [_step_function(block.attn.c_attn, d, 3 * inner, dtype),
+                     _step_function(block.attn.c_proj, inner, d, dtype),
+                     _step_function(block.mlp.c_fc, d, ff, dtype),
+                     _step_function(block.mlp.c_proj, ff, d, dtype)]
+            if any(call is None for call in calls):
+                return None
+            layers.append(_Layer(block, *calls))
+        head = _step_function(model.lm_head, d, cfg.vocab_size, dtype)
+        return None if head is None else cls(model, layers, head)
+
+    def forward(self, ids: torch.Tensor | None, cache: KVCache, mask: torch.Tensor | None = None,
+                *, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [batch, new] (or embeds [batch, new, d_model]) -> logits [batch, vocab] of each
+        row's last new position. `mask` [batch, >= cache.length + new] (1 = a real token), when
+        a row is padded or has finished: positions then count real tokens only, as in the
+        module forward. Writes the new keys and values and advances the cache."""
+        x = F.embedding(ids, self.wte) if embeds is None else embeds.to(self.wte.dtype)
+        batch, new, _ = x.shape
+        length = cache.length
+        # with a mask, positions count real tokens only (the cache also holds the padding)
+        last_position = length + new if mask is None else new
+        if batch != cache.keys.shape[1] or length + new > cache.max_len or \
+                last_position > self.max_positions:
+            raise ValueError(f"planned step: {batch} x {new} new tokens after {length} do not "
+                             f"fit a cache of {cache.keys.shape[1]} x {cache.max_len} or the "
+                             f"model's {self.max_positions} positions")
+        if mask is None:
+            x = x + self.wpe[length:length + new]
+        else:
+            positions = (mask[:, :length + new].cumsum(-1)[:, length:] - 1).clamp_(min=0)
+            x = x + F.embedding(positions, self.wpe)
+        shape, eps, attend = self.shape, self.eps, attention_kernel.attend
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
+            h = F.layer_norm(x, shape, *layer.ln_1, eps)
+            x = x + layer.proj(attend(layer.qkv(h), kv.keys, kv.values, length, mask))
+            h = F.layer_norm(x, shape, *layer.ln_2, eps)
+            x = x + layer.down(F.gelu(layer.up(h), approximate="tanh"))
+        cache.length = length + new
+        return self.head(F.layer_norm(x[:, -1].contiguous(), shape, *self.ln_f, eps))

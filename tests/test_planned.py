@@ -1,0 +1,210 @@
+"""Generation's planned steps (cpmctl/infer/planned.py) and their attention kernel (attend.c):
+the kernel against PyTorch's attention, its argument checks, the plan against the module
+forward, and the batch size never changing the text (to the bit with the int8 kernel)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cpmctl.infer import KVCache, attention_kernel, generate_tokens, int8_kernel
+from cpmctl.infer.load import prepare_for_inference
+from cpmctl.infer.planned import PlannedGpt
+from cpmctl.models import MoeConfig
+from tests.test_infer import settings, tokens_of, varied_gpt
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """cpmctl's kernel library, built for this CPU (skipped where it cannot be built)."""
+    monkeypatch.delenv(int8_kernel.KERNEL_ENV, raising=False)
+    int8_kernel.library.cache_clear()
+    if not attention_kernel.available():
+        pytest.skip("cpmctl's kernel library cannot be built here (no C compiler or AVX2)")
+    yield
+    int8_kernel.library.cache_clear()
+
+
+def reference(qkv, keys, values, length, mask):
+    """What the kernel computes, through SDPA in fp64 over the cache it has written."""
+    batch, new, _ = qkv.shape
+    heads, d_head = keys.shape[1], keys.shape[3]
+    q = qkv.double().view(batch, new, 3, heads, d_head)[:, :, 0].transpose(1, 2)
+    end = length + new
+    visible = torch.ones(batch, 1, new, end, dtype=torch.bool).tril(length)
+    if mask is not None:
+        visible = visible & mask[:, None, None, :end].bool()
+    scores = q @ keys[:, :, :end].double().transpose(-1, -2) / d_head ** 0.5
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    return (weights @ values[:, :, :end].double()).transpose(1, 2).reshape(batch, new, -1)
+
+
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16], ids=["cache32", "cache16"])
+@pytest.mark.parametrize("new", [1, 5])  # a decoding step, a prefill continuing a cache
+def test_attention_kernel_matches_pytorchs(kernels, act, cache, new):
+    torch.manual_seed(new)
+    batch, heads, d_head, max_len, length = 3, 4, 24, 16, 6  # 24: not a multiple of 16
+    keys = torch.randn(batch, heads, max_len, d_head).to(cache)
+    values = torch.randn(batch, heads, max_len, d_head).to(cache)
+    qkv = torch.randn(batch, new, 3 * heads * d_head).to(act)
+    mask = torch.ones(batch, max_len, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[2, length] = 0  # a finished row's new position
+    mask[0, :length + new] = 0  # nothing to attend: zeros
+    before_k, before_v = keys.clone(), values.clone()
+    out = attention_kernel.attend(qkv, keys, values, length, mask)
+    assert out.shape == (batch, new, heads * d_head) and out.dtype == act
+    split = qkv.view(batch, new, 3, heads, d_head).permute(0, 2, 3, 1, 4)  # [b, 3, h, new, d]
+    before_k[:, :, length:length + new] = split[:, 1].to(cache)
+    before_v[:, :, length:length + new] = split[:, 2].to(cache)
+    assert torch.equal(keys, before_k) and torch.equal(values, before_v)
+    expected = reference(qkv, keys, values, length, mask)
+    tolerance = 1e-5 if act == torch.float32 else 2 ** -7
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+    assert not out[0].any()
+    again = attention_kernel.attend(qkv, keys.clone(), values.clone(), length, None)
+    torch.testing.assert_close(again.double(), reference(qkv, keys, values, length, None),
+                               atol=tolerance, rtol=tolerance)
+
+
+def test_attention_kernel_refuses_what_it_would_read_past(kernels):
+    keys = torch.zeros(2, 4, 8, 16)
+    qkv = torch.zeros(2, 1, 192)
+    cases = [
+        (torch.zeros(2, 1, 96), keys, keys.clone(), 3, None, "does not match a cache"),
+        (torch.zeros(1, 1, 192), keys, keys.clone(), 3, None, "does not match a cache"),
+        (qkv, keys, keys.clone(), 8, None, "do not fit a cache of 8"),
+        (torch.zeros(2, 4, 192), keys, keys.clone(), 5, None, "do not fit a cache of 8"),
+        (qkv, keys, keys[:, :, :7].clone(), 3, None, "one 4-d shape"),
+        (qkv, keys, keys.clone(), 3, torch.ones(2, 3, dtype=torch.long), "mask"),
+        (qkv, keys, keys.clone(), 3, torch.ones(2, 8, dtype=torch.int32), "mask"),
+        (qkv, keys.transpose(2, 3).contiguous().transpose(2, 3), keys.clone(), 3, None,
+         "contiguous"),
+        (qkv.double(), keys, keys.clone(), 3, None, "fp32 or bf16"),
+    ]
+    for qkv_, keys_, values_, length, mask, message in cases:
+        with pytest.raises(ValueError, match=message):
+            attention_kernel.attend(qkv_, keys_, values_, length, mask)
+
+
+def test_attention_kernel_op_schema(kernels):
+    keys = torch.randn(2, 4, 8, 16)
+    torch.library.opcheck(torch.ops.cpmctl.attend.default,
+                          (torch.randn(2, 3, 192), keys, keys.clone(), 2, None))
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def test_planned_logits_equal_the_module_forwards(kernels):
+    """A left-padded batch: the prefill, then steps with a finished row, against the module
+    forward over the same cache positions."""
+    model = prepare_for_inference(varied_gpt(3))
+    plan = PlannedGpt.plan(model)
+    assert plan is not None and plan.cache_dtype == torch.float32
+    ids = torch.randint(1, 100, (2, 7))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    extra = torch.randint(1, 100, (2, 3))
+    ours_cache, theirs_cache = (KVCache.for_model(model.cfg, 2, 10) for _ in range(2))
+    with torch.inference_mode():
+        ours = [plan.forward(ids, ours_cache, mask)]
+        theirs = [model(ids, mask[:, :7], cache=theirs_cache)[:, -1]]
+        for i in range(3):
+            mask[0, 7 + i] = int(i < 1)  # row 0 finishes after one step
+            ours.append(plan.forward(extra[:, i:i + 1], ours_cache, mask))
+            theirs.append(model(extra[:, i:i + 1], mask[:, :8 + i], cache=theirs_cache)[:, -1])
+    assert ours_cache.length == theirs_cache.length == 10
+    torch.testing.assert_close(torch.stack(ours), torch.stack(theirs), atol=1e-5, rtol=1e-5)
+    real = mask.bool()[None, :, None, :, None].expand_as(ours_cache.keys)  # padding: unread
+    torch.testing.assert_close(ours_cache.keys[real], theirs_cache.keys[real], atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", [{"dtype": "fp32"}, {"dtype": "bf16"},
+                                       {"dtype": "bf16", "quantize": "int8"}],
+                         ids=["fp32", "bf16", "int8"])
+def test_planned_generation_is_the_module_forwards(kernels, precision):
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8]]
+    model = prepare_for_inference(varied_gpt(16), **precision)
+    assert PlannedGpt.plan(model) is not None
+    planned = tokens_of(model, prompts, settings(20))
+    assert planned == tokens_of(model, prompts, settings(20), planned_step=False)
+    assert all(len(set(row)) > 3 for row in planned)
+
+
+@pytest.mark.parametrize("precision", [{"dtype": "fp32"}, {"dtype": "bf16", "quantize": "int8"}],
+                         ids=["fp32", "int8"])
+def test_a_batch_of_8_generates_what_each_prompt_does_alone(kernels, precision):
+    """The planned path at batch 8 (left-padded prompts of 2 to 16 tokens, rows finishing at
+    <eod>) against each prompt alone; with the int8 kernel every operation is row by row, so the
+    prefill's logits are the same to the bit."""
+    model = prepare_for_inference(varied_gpt(4), **precision)
+    plan = PlannedGpt.plan(model)
+    assert plan is not None
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(10, 100, (n,), generator=generator).tolist()
+               for n in (2, 16, 5, 9, 3, 12, 7, 16)]
+    batch = generate_tokens(model, prompts, settings(16), eod_id=12, pad_id=0)
+    alone = [generate_tokens(model, [p], settings(16), eod_id=12, pad_id=0).rows[0]
+             for p in prompts]
+    assert [r.tokens for r in batch.rows] == [r.tokens for r in alone]
+    assert [r.finish_reason for r in batch.rows] == [r.finish_reason for r in alone]
+    assert len({tuple(r.tokens) for r in alone}) >= 6  # varied, not one repeated output
+    if "quantize" in precision:
+        longest = max(map(len, prompts))
+        ids = torch.zeros(8, longest, dtype=torch.long)
+        mask = torch.zeros(8, longest, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):], mask[i, longest - len(p):] = torch.tensor(p), 1
+        with torch.inference_mode():
+            batched = plan.forward(ids, KVCache.for_model(model.cfg, 8, longest,
+                                                          dtype=plan.cache_dtype), mask)
+            for i, p in enumerate(prompts):
+                cache = KVCache.for_model(model.cfg, 1, len(p), dtype=plan.cache_dtype)
+                assert torch.equal(plan.forward(torch.tensor([p]), cache)[0], batched[i])
+
+
+def test_without_a_plan_generation_runs_the_module_forward(kernels, monkeypatch):
+    moe = prepare_for_inference(varied_gpt(5, moe=MoeConfig(experts=4)))
+    assert PlannedGpt.plan(moe) is None
+    assert len(tokens_of(moe, [[1, 2, 3]], settings(5))[0]) == 5
+    monkeypatch.setenv(int8_kernel.KERNEL_ENV, "torch")  # no kernel library: PyTorch only
+    int8_kernel.library.cache_clear()
+    model = prepare_for_inference(varied_gpt(16))
+    assert PlannedGpt.plan(model) is None
+    through_modules = tokens_of(model, [[3, 1, 4]], settings(12))
+    monkeypatch.delenv(int8_kernel.KERNEL_ENV)
+    int8_kernel.library.cache_clear()
+    assert PlannedGpt.plan(model) is not None
+    assert tokens_of(model, [[3, 1, 4]], settings(12)) == through_modules
+
+
+def test_a_step_past_the_cache_is_refused(kernels):
+    model = prepare_for_inference(varied_gpt(6))
+    plan = PlannedGpt.plan(model)
+    cache = KVCache.for_model(model.cfg, 1, 4)
+    with torch.inference_mode():
+        plan.forward(torch.tensor([[1, 2, 3, 4]]), cache)
+        with pytest.raises(ValueError, match="do not fit a cache of 1 x 4"):
+            plan.forward(torch.tensor([[5]]), cache)
+
+
+def test_bench_speed_times_the_module_forward_beside_the_plan(cli):
+    result = cli("bench", "speed", "--recipe", "tiny-gpt", "--precisions", "int8", "--batches",
+                 "1", "--no-baseline", "--module-step", "--prompt-tokens", "8", "--new-tokens",
+                 "4", "--json")
+    assert result.code == 0, result.err
+    runs = json.loads(result.out)["runs"]
+    assert [(r["impl"], r["precision"], r["batch"]) for r in runs] == [
+        ("cpmctl", "int8", 1), ("cpmctl-modules", "int8", 1)]
+    planned, modules = runs
+    assert planned["first_tokens"] == modules["first_tokens"]
+    assert planned["vs_module_step"] == pytest.approx(planned["decode_tok_s"]
+                                                      / modules["decode_tok_s"])
+    assert planned["prefill_vs_module_step"] == pytest.approx(planned["prefill_tok_s"]
+                                                              / modules["prefill_tok_s"])
+    assert modules["of_bandwidth"] > 0 and "vs_module_step" not in modules
