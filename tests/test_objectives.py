@@ -272,3 +272,31 @@ def test_fused_lm_loss_equals_the_plain_loss_in_value_and_gradients():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = fused_lm_loss(hidden.bfloat16(), weight, labels, mask)[0]
     assert abs(float(low.detach()) - float(plain.detach())) < 0.05
+
+
+def test_fused_lm_loss_under_autocast_computes_what_a_linear_head_does():
+    """Under bf16 autocast the head's matmuls run in bf16 even when the hidden states arrive
+    in fp32 (LayerNorm's output under CPU autocast is fp32): the loss an `nn.Linear` head gives
+    under autocast, and its gradients to bf16 rounding."""
+    from cpmctl.train.objectives import fused_lm_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 40, 32, requires_grad=True)
+    weight = (torch.randn(500, 32) * 0.3).requires_grad_()
+    labels = torch.randint(500, (2, 40))
+    mask = (torch.rand(2, 40) > 0.2).float()
+    grads = []
+    for fused in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (fused_lm_loss(hidden, weight, labels, mask, chunk=16)[0] if fused
+                    else lm_loss(F.linear(hidden, weight), labels, mask)[0])
+        loss.backward()
+        grads.append((loss.detach(), hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+    (autocast_loss, *expected), (fused_loss, *got) = grads
+    torch.testing.assert_close(fused_loss, autocast_loss, rtol=1e-5, atol=1e-5)
+    fp32_loss = lm_loss(hidden.detach() @ weight.detach().T, labels, mask)[0]
+    assert abs(float(fp32_loss) - float(fused_loss)) > 1e-4  # it did run in bf16
+    for value, reference in zip(got, expected, strict=True):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, reference, rtol=2e-2, atol=2e-4)

@@ -19,7 +19,7 @@ from .moe import MoeFFN
 
 __all__ = ["ARCHS", "ROUTERS", "EncDec", "GPT", "ModelConfig", "MoeConfig", "MoeFFN",
            "build_model", "build_on_meta", "checkpoint_activations", "count_parameters",
-           "validate_config"]
+           "training_flops_per_token", "validate_config"]
 
 
 def validate_config(cfg: ModelConfig) -> None:
@@ -71,6 +71,17 @@ def build_on_meta(cfg: ModelConfig) -> nn.Module:
             return build_model(cfg)
     finally:
         nn.init.normal_ = original
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, parameters: int | None = None
+                             ) -> int:
+    """FLOPs of one trained token of a gpt (forward and backward), PaLM's estimate (its
+    appendix B): 6 per parameter (the embedding counted as the tied head's matmul) plus 12 per
+    layer, head dimension and position for attention's scores and weighted sums, without
+    causal masking's halving. A forward alone is a third of it."""
+    if parameters is None:
+        parameters = count_parameters(cfg)
+    return 6 * parameters + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
 
 
 def count_parameters(cfg: ModelConfig) -> int:

@@ -145,8 +145,8 @@ class EngineConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, ~1/3 more compute."""
     compile: bool = False
-    """torch engine: run the model through torch.compile (the first steps compile; needs a C++
-    compiler on CPU)."""
+    """torch engine: compile each block of the model with torch.compile (one compile serves the
+    whole stack; the first steps compile; needs a C++ compiler on CPU)."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,33 @@ def start_processes(engine: str) -> Processes:
     return Processes(dist.get_rank(), world_size, device)
 
 
+def stop_processes() -> None:
+    """End what start_processes began (the process group, DeepSpeed's included), so that a
+    later run in the same Python process starts afresh instead of meeting a stale group."""
+    if not dist.is_initialized():
+        return
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()  # and the groups DeepSpeed keeps of it
+    else:
+        dist.destroy_process_group()
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """`engine.compile`: compile each repeated block of the model in place (`Module.compile`;
+    the blocks of every top-level `nn.ModuleList`: GPT's blocks, the encoder's and decoder's).
+
+    NOTE: why blocks and not the whole model: the blocks of a stack run the same code on
+    parameters of the same shapes, so torch.compile compiles one and every other block reuses
+    its kernels: compile time is one block's, not n_layers' (whole-model compile traces every
+    block into one graph). What stays eager between them (embeddings, the final norm, the fused
+    head and loss, the optimizer) is a few large ops each. Parameter names do not change."""
+    for child in model.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                block.compile()
+
+
 class TorchEngine:
     """Plain PyTorch: autocast for bf16/fp16, `clip_grad_norm_`, fused AdamW; DDP when
     several processes run (wrapped on first use, so a restore happens before DDP's broadcast).
@@ -103,7 +131,9 @@ class TorchEngine:
         DDP's first broadcast); checkpoints and evaluation use `module`, which has the plain
         parameter names."""
         if self._forward is None:
-            forward = torch.compile(self.module) if self._compile else self.module
+            if self._compile:
+                compile_blocks(self.module)
+            forward = self.module
             if self.processes.world_size > 1:
                 forward = nn.parallel.DistributedDataParallel(forward)
             self._forward = forward

@@ -198,6 +198,13 @@ def encdec_batch(samples: np.ndarray, consumed_start: int, seed: int, data: Data
     return tensors
 
 
+HEAD_CHUNK = 1024
+"""Rows of the fused head per chunk. NOTE: at CPM-Small's shape (1,024 rows, vocabulary
+30,000) the bf16 head took 8.7 s with chunks of 256 and 6.7 s with 1,024 (each chunk adds a
+[vocab, d_model] weight-gradient product into fp32); fp32 was the same for 256-1,024. A chunk's
+fp32 logits are chunk x vocab x 4 bytes: 123 MB here."""
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """sum over rows of mask * cross_entropy(hidden @ weight.T, labels), a chunk of rows at a
     time, with the gradients computed chunk by chunk in the forward pass; with a `teacher`
@@ -211,12 +218,18 @@ class _FusedHeadLoss(torch.autograd.Function):
     NOTE: why: the full fp32 logits [tokens, vocab] never exist, for the student or the
     teacher. At tiny-gpt's shape they are most of a training step's memory traffic; chunked,
     the head and its loss run ~1.6x faster on CPU, with the same values (to float rounding).
+
+    Precision: the three matmuls (logits, d hidden, d weight) run in `_head_dtype`, autocast's
+    dtype where it is on: what an `nn.Linear` head computes under autocast (bf16 operands, the
+    products summed in fp32 inside the matmul, a bf16 result). The softmax, the loss and the
+    sum of the weight gradient over the chunks stay fp32. (LayerNorm's output is fp32 under CPU
+    autocast, so taking the hidden states' dtype ran the whole head in fp32 in a bf16 run.)
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, mask, chunk, teacher, w_lm, w_kd):
-        dtype = hidden.dtype
-        weight_c = weight.to(dtype)
+        dtype = _head_dtype(hidden)
+        hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -225,22 +238,27 @@ class _FusedHeadLoss(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
-                logits = (hidden[rows] @ weight_c.T).float()
+                logits = (hidden_c[rows] @ weight_c.T).float()
                 picked = logits.gather(1, labels[rows, None]).squeeze(1)
-                ce_total += ((torch.logsumexp(logits, -1) - picked) * mask[rows]).sum()
+                lse = torch.logsumexp(logits, -1)
+                ce_total += ((lse - picked) * mask[rows]).sum()
                 kd_grad = None
                 if teacher is not None:
                     kd_rows, kd_grad = teacher.chunk_kl(logits, rows)
                     kd_total += kd_rows.sum()
                 if needs_grad:
-                    grad = torch.softmax(logits, -1)
+                    grad = logits.sub_(lse[:, None]).exp_()  # the softmax, over the logits
                     grad.scatter_add_(1, labels[rows, None],
                                       torch.full_like(picked[:, None], -1.0))
                     grad *= mask[rows, None] * w_lm
                     if kd_grad is not None:
                         teacher.add_grad(grad, kd_grad * w_kd)
-                    grad_hidden[rows] = grad.to(dtype) @ weight_c
-                    grad_weight += grad.T @ hidden[rows].float()
+                    grad_c = grad.to(dtype)
+                    grad_hidden[rows] = grad_c @ weight_c
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(grad_c.T, hidden_c[rows])
+                    else:  # a bf16 product per chunk, summed in fp32
+                        grad_weight += grad_c.T @ hidden_c[rows]
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ce, kd = ce_total.clone(), kd_total.clone()
         ctx.mark_non_differentiable(ce, kd)
@@ -251,6 +269,15 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None,
                 None, None)
+
+
+def _head_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the fused head's matmuls run in: autocast's where it is on for the hidden
+    states' device (as an `nn.Linear` head would run under it), else the hidden states'."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
 
 
 class _Teacher:
@@ -290,7 +317,8 @@ def kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                  loss_mask: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                  loss_mask: torch.Tensor,
+                  chunk: int = HEAD_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """`lm_loss(hidden @ weight.T, labels, loss_mask)` without materialising the logits:
     (mean loss over unmasked tokens, their count)."""
     mask = loss_mask.reshape(-1).float()
@@ -303,7 +331,7 @@ def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 def fused_distill_loss(hidden, weight, labels, loss_mask, teacher_hidden, teacher_weight, *,
                        alpha: float, temperature: float, shared: torch.Tensor | None = None,
                        kd_mask: torch.Tensor | None = None, teacher_vocab: int | None = None,
-                       chunk: int = 256):
+                       chunk: int = HEAD_CHUNK):
     """The KI loss with the student's head fused in and chunked, for the student and the
     teacher (no [tokens × vocab] logits ever exist):
 
