@@ -16,6 +16,7 @@ from cpmctl.bench.scoring import (
     FlatBatch,
     candidate_losses,
     encode_candidate,
+    fit_group,
     flat_batch,
     make_row,
     score,
@@ -440,3 +441,28 @@ def test_a_long_example_is_cut_alike_for_every_candidate(tiny, tmp_path):
     assert shared.truncated and alone.truncated
     assert shared.logprob == pytest.approx(alone.logprob, abs=1e-4)
     assert shared.tokens == [len(tok.encode(o + "，下次还来。")) for o in long["candidates"]]
+
+
+def test_a_long_review_keeps_its_label_under_the_cpm1_rule(tiny, tmp_path):
+    """cpm1's label sits in the context: a review longer than the model's positions loses its
+    tail, the same number of tokens for every candidate, never the label (cutting the context
+    from the left would leave two identical rows and a tie)."""
+    task = load_task(write_task(tmp_path / "s.toml", SENTIMENT_TASK))
+    review = "这家店的服务态度真的很好，下次还来。" * 20
+    examples = task.read_examples(write_lines(tmp_path / "s.jsonl",
+                                              [{"text": review, "label": "pos"}]))
+    model, tok = tiny["gpt_model"], tiny["gpt_tok"]
+    [s] = score(model, tok, task, examples, batch_size=4)
+    assert s.truncated and s.logprob[0] != pytest.approx(s.logprob[1], abs=1e-3)
+    room = []
+    for word in ("好评", "差评"):
+        context = encode_candidate(tok, Candidate([f"这是一条{word}："], review, "x")).parts[0]
+        room.append(model.cfg.max_positions + 1 - len(context))
+    assert s.tokens == [min(room)] * 2
+    rows = [make_row(encode_candidate(tok, Candidate([f"这是一条{w}："], review, w)))
+            for w in ("好评", "差评")]
+    fitted, cut = fit_group(rows, model.cfg.max_positions, keep_context=True)
+    assert cut and [r.context for r in fitted] == [r.context for r in rows]
+    expected = [sum(gpt_token_logprobs(model, r.context + r.continuation, len(r.continuation)))
+                for r in fitted]
+    assert s.logprob == pytest.approx(expected, rel=1e-6)  # sums of 120-odd fp32 terms

@@ -18,10 +18,14 @@ Forward passes (`candidate_losses`, differentiable: prompt tuning calls it with 
 - `FlatBatch`: every candidate a row of context + continuation, left-padded for gpt (positions
   count real tokens) and right-padded for encdec. The `cpm1` rule: one continuation under K
   contexts, K rows.
+- `PackedBatch` (`choice` on gpt, what `score` uses; cpmctl.bench.packing): one row per
+  example, its shared context once, then its K tails, each attending to the context and to
+  itself; one forward, no cache.
 - `SharedBatch` (`choice`/`span`): each example's shared context once, then its K
   continuations. gpt: the contexts' keys and values go into a KV cache, are copied to the K
   rows of their example, and the continuations run on top; encdec: the encoder output is
-  repeated for the K decoder rows. The context is computed once instead of K times.
+  repeated for the K decoder rows. The context is computed once instead of K times, with
+  gradients too (gpt then uses `GrowingKV`): prompt tuning trains through it.
 Only the scored positions go through the LM head, in fp32 (log_softmax).
 
 A soft prompt (`prompt`, prompt tuning's object): `prompt.place(parts_ids) -> (ids,
@@ -33,12 +37,14 @@ part; encdec: the encoder input only).
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from cpmctl.bench.packing import PackedBatch, packed_batch, packed_length, packed_states
 from cpmctl.bench.tasks.format import SPAN_MARKER, Candidate, Example, ScoringRequests, Task
 from cpmctl.errors import CpmError
 
@@ -129,25 +135,37 @@ def make_row(encoded: EncodedCandidate, prompt=None) -> Row:
     return Row(list(ids), encoded.continuation, list(slots))
 
 
-def fit_group(rows: list[Row], max_positions: int) -> tuple[list[Row], bool]:
+def fit_group(rows: list[Row], max_positions: int, *,
+              keep_context: bool = False) -> tuple[list[Row], bool]:
     """gpt: fit one example's candidates into the model's context: cut the SAME number of
-    tokens from the left of every context (so a shared context stays shared), never a prompt
-    slot and never the last context token, then the continuations' tails (as CPM-1 cut its
-    sentences); True when something was cut. CpmError when not one continuation token fits."""
+    tokens from the left of every context (so a shared context stays shared), never the last
+    context token and never a prompt slot: the slots stay, the text's tokens around them go
+    (a front prompt keeps its place and the example loses its first tokens, as CPM-2-Finetune
+    cuts the sentence and not the prompt); then the continuations' tails (as CPM-1 cut its
+    sentences). True when something was cut. CpmError when not one continuation token fits.
+
+    `keep_context` (the cpm1 rule: the label is in the context, and cutting it from the left
+    would leave K identical rows): the continuations are cut first, all to the same length
+    so that every candidate scores the same text; the contexts only when one alone leaves no
+    room."""
     longest = max(len(r.context) + len(r.continuation) for r in rows)
     if longest <= max_positions + 1:
         return rows, False
-    keep = min(len(r.context) for r in rows) - 1
-    first_slot = min((r.slots[0] for r in rows if r.slots), default=keep)
-    cut = min(longest - (max_positions + 1), keep, first_slot)
+    room = max_positions + 1 - max(len(r.context) for r in rows)
+    if keep_context and room >= 1:
+        return [Row(r.context, r.continuation[:room], r.slots) for r in rows], True
+    cuttable = [[i for i in range(len(r.context) - 1) if i not in set(r.slots)] for r in rows]
+    cut = min(longest - (max_positions + 1), *map(len, cuttable))
     fitted = []
-    for r in rows:
-        context = r.context[cut:]
+    for r, candidates in zip(rows, cuttable, strict=True):
+        dropped = set(candidates[:cut])
+        context = [t for i, t in enumerate(r.context) if i not in dropped]
         room = max_positions + 1 - len(context)
         if room < 1:
             raise CpmError(f"a context of {len(context)} tokens (a prompt's slots included) "
                            f"leaves no room in the model's {max_positions} positions")
-        fitted.append(Row(context, r.continuation[:room], [s - cut for s in r.slots]))
+        slots = [s - bisect.bisect_left(candidates, s, hi=cut) for s in r.slots]
+        fitted.append(Row(context, r.continuation[:room], slots))
     return fitted, True
 
 
@@ -300,7 +318,7 @@ def _sum_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total.index_add(0, rows, values)
 
 
-def candidate_losses(model, batch: FlatBatch | SharedBatch, prompt=None, *,
+def candidate_losses(model, batch: FlatBatch | SharedBatch | PackedBatch, prompt=None, *,
                      greedy: bool = False):
     """(summed log-likelihood [R] (fp32), scored token count [R]) of every row's
     continuation; with `greedy`, also [R] bools: is the continuation what greedy decoding
@@ -316,9 +334,11 @@ def candidate_losses(model, batch: FlatBatch | SharedBatch, prompt=None, *,
     return (*result, misses == 0)
 
 
-def _scored_states(model, batch: FlatBatch | SharedBatch, prompt):
+def _scored_states(model, batch: FlatBatch | SharedBatch | PackedBatch, prompt):
     """(the final hidden states that predict scored tokens [N, d], those tokens [N], the
     score mask [R, L])."""
+    if isinstance(batch, PackedBatch):
+        return packed_states(model, batch, prompt)
     device = next(model.parameters()).device
     arch = model.cfg.arch
     b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
@@ -359,9 +379,51 @@ def _decoder_hidden(model, decoder_ids, encoder_out, attention_mask, decoder_mas
         model.lm_head = head
 
 
+class GrowingKV:
+    """A KV cache for forward passes with gradients (prompt tuning through a SharedBatch):
+    `append` concatenates instead of writing into a preallocated buffer, so autograd sees
+    every step and the gradient reaches the shared context (and a prompt in it) through the
+    keys and values its K continuations read. Duck-types cpmctl.infer.cache.KVCache for
+    GPT.forward: `layers[i].append(k, v)`, `length`."""
+
+    def __init__(self, n_layers: int, length: int = 0, layers: list | None = None):
+        # NOTE: the layers hold no reference back to the cache: a cycle would keep every
+        # layer's keys and values (and the graph behind them) alive until Python's cyclic
+        # garbage collector ran, ~120 MB a step at CPM-Small (measured)
+        self.layers = layers or [_GrowingLayer() for _ in range(n_layers)]
+        self.length = length
+
+    def select(self, rows: torch.Tensor) -> GrowingKV:
+        """A cache whose row r continues row `rows[r]` of this one (index_select: its
+        backward sums the K rows' gradients back into one with index_add, which is several
+        times faster on the CPU than advanced indexing's accumulating index_put)."""
+        return GrowingKV(len(self.layers), self.length,
+                         [_GrowingLayer(layer.keys.index_select(0, rows),
+                                        layer.values.index_select(0, rows))
+                          for layer in self.layers])
+
+
+class _GrowingLayer:
+    """`append` returns the past keys/values with the new ones after them and keeps that as
+    `keys`/`values`, but never changes the past: a block recomputed in the backward pass
+    (activation checkpointing) appends the same keys again and gets the same result."""
+
+    def __init__(self, past_keys=None, past_values=None):
+        self.past_keys, self.past_values = past_keys, past_values
+        self.keys, self.values = past_keys, past_values
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.past_keys is not None:
+            k = torch.cat([self.past_keys.to(k.dtype), k], dim=2)
+            v = torch.cat([self.past_values.to(v.dtype), v], dim=2)
+        self.keys, self.values = k, v
+        return k, v
+
+
 def _gpt_shared_hidden(model, b: dict, embeds) -> torch.Tensor:
     """Hidden states [R, Lt, d] predicting each tail token: the context's last state, then
-    the tail's. The contexts' KV is computed once and copied to their rows."""
+    the tail's. The contexts' KV is computed once and copied to their rows (a GrowingKV when
+    gradients are on, so that prompt tuning trains through the shared context too)."""
     from cpmctl.infer.cache import KVCache
 
     cfg = model.cfg
@@ -373,13 +435,19 @@ def _gpt_shared_hidden(model, b: dict, embeds) -> torch.Tensor:
     tail_len = b["cont_ids"].shape[1]
     dtype = model.wte.weight.dtype  # the activations' (an int8 model computes in bf16)
     device = context_ids.device
-    small = KVCache.for_model(cfg, groups, context_len, dtype=dtype, device=device)
+    grad = torch.is_grad_enabled()  # prompt tuning: autograd cannot follow in-place writes
+    small = (GrowingKV(cfg.n_layers) if grad
+             else KVCache.for_model(cfg, groups, context_len, dtype=dtype, device=device))
     context_hidden = model(None if embeds is not None else context_ids, context_mask,
                            inputs_embeds=embeds, cache=small, return_hidden=True)
-    big = KVCache.for_model(cfg, len(rows), context_len + tail_len, dtype=dtype, device=device)
-    big.keys[:, :, :, :context_len] = small.keys[:, rows]
-    big.values[:, :, :, :context_len] = small.values[:, rows]
-    big.length = context_len
+    if grad:
+        big = small.select(rows)
+    else:
+        big = KVCache.for_model(cfg, len(rows), context_len + tail_len, dtype=dtype,
+                                device=device)
+        big.keys[:, :, :, :context_len] = small.keys[:, rows]
+        big.values[:, :, :, :context_len] = small.values[:, rows]
+        big.length = context_len
     mask = torch.cat([context_mask[rows], b["cont_mask"]], dim=1)
     tail_hidden = model(b["cont_ids"], mask, cache=big, return_hidden=True)
     hidden = torch.cat([context_hidden[rows, -1:], tail_hidden], dim=1)
@@ -441,6 +509,7 @@ def score(model, tokenizer, task: Task, examples: list[Example], *, batch_size: 
         raise CpmError("an encdec model scores <s_0> + the answer: its tokenizer has no "
                        "sentinels")
     shared = share_context and task.rule in ("choice", "span")
+    layout = ("flat" if not shared else "packed" if arch == "gpt" else "shared")
     prepared = []
     for example in examples:
         requests = task.requests(example, _rng(seed, example.index))
@@ -449,16 +518,19 @@ def score(model, tokenizer, task: Task, examples: list[Example], *, batch_size: 
                 for candidate in requests.candidates]
         cut = False
         if arch == "gpt":
-            rows, cut = fit_group(rows, model.cfg.max_positions)
+            rows, cut = fit_group(rows, model.cfg.max_positions,
+                                  keep_context=task.rule == "cpm1")
         prepared.append((requests, rows, cut))
-    order = sorted(range(len(prepared)), key=lambda i: _padding_key(prepared[i][1], shared))
+    order = sorted(range(len(prepared)), key=lambda i: _padding_key(prepared[i][1], layout))
     results: list[ExampleScore | None] = [None] * len(prepared)
     sentinel = tokenizer.sentinel_id(0) if arch == "encdec" else None
     done = 0
     with torch.inference_mode():
-        for chunk in _chunks(order, prepared, batch_size, shared):
+        for chunk in _chunks(order, prepared, batch_size, layout):
             groups = [prepared[i][1] for i in chunk]
-            if shared:
+            if layout == "packed":
+                batch = packed_batch(groups, tokenizer.pad_id)
+            elif layout == "shared":
                 batch = shared_batch(groups, arch, tokenizer.pad_id, sentinel, tokenizer.pad_id)
             else:
                 batch = flat_batch([r for g in groups for r in g], arch, tokenizer.pad_id,
@@ -478,10 +550,13 @@ def score(model, tokenizer, task: Task, examples: list[Example], *, batch_size: 
     return results
 
 
-def _padding_key(rows: list[Row], shared: bool) -> tuple[int, ...]:
-    """The order that keeps padding low, longest first: whole rows (flat), or the K
-    continuations (shared: they are K rows a context, the context is one)."""
-    if shared:
+def _padding_key(rows: list[Row], layout: str) -> tuple[int, ...]:
+    """The order that keeps padding low, longest first: whole rows (flat), the packed row
+    (packed), or the K continuations (shared: they are K rows a context, the context is
+    one)."""
+    if layout == "packed":
+        return (-packed_length(rows),)
+    if layout == "shared":
         return (-max(len(r.continuation) for r in rows), -len(rows[0].context))
     return (-max(len(r.context) + len(r.continuation) for r in rows),)
 
@@ -491,11 +566,14 @@ def _padding_key(rows: list[Row], shared: bool) -> tuple[int, ...]:
 MAX_PADDING = 0.5
 
 
-def _tokens(groups: list[list[Row]], shared: bool) -> tuple[int, int]:
-    """(padded, real) tokens of a batch of examples' rows, as flat_batch / shared_batch pad
-    them."""
+def _tokens(groups: list[list[Row]], layout: str) -> tuple[int, int]:
+    """(padded, real) tokens of a batch of examples' rows, as flat_batch / packed_batch /
+    shared_batch pad them."""
     rows = [r for g in groups for r in g]
-    if shared:
+    if layout == "packed":
+        lengths = [packed_length(g) for g in groups]
+        return len(groups) * max(lengths), sum(lengths)
+    if layout == "shared":
         tails = [len(r.continuation) for r in rows]
         contexts = [len(g[0].context) for g in groups]
         return (len(rows) * max(tails) + len(groups) * max(contexts),
@@ -504,14 +582,14 @@ def _tokens(groups: list[list[Row]], shared: bool) -> tuple[int, int]:
     return len(rows) * max(lengths), sum(lengths)
 
 
-def _chunks(order: list[int], prepared: list, batch_size: int, shared: bool):
+def _chunks(order: list[int], prepared: list, batch_size: int, layout: str):
     """Examples in batches of at most `batch_size` rows (at least one example a batch) and
     at most MAX_PADDING padding."""
     chunk: list[int] = []
     for i in order:
         grown = [prepared[j][1] for j in chunk + [i]]
         if chunk:
-            padded, real = _tokens(grown, shared)
+            padded, real = _tokens(grown, layout)
             if sum(map(len, grown)) > batch_size or padded > (1 + MAX_PADDING) * real:
                 yield chunk
                 chunk = []

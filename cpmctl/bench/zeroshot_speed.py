@@ -1,7 +1,8 @@
 """`cpmctl bench zeroshot-speed`: examples/s of zero-shot scoring, three ways, one run.
 
 1. cpmctl, batched with the shared context: `score(batch_size=B)`: each example's context
-   once into the KV cache, its K continuations on top, B rows a forward.
+   once and its K continuations packed behind it in one row (cpmctl.bench.packing), B
+   candidates a forward.
 2. cpmctl, one forward per candidate: `score(batch_size=1, share_context=False)`: every
    candidate's context + continuation its own forward (the baseline of 1).
 3. `lm_eval --model hf`: lm-evaluation-harness's HFLM on the same weights exported with

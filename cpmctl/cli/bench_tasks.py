@@ -177,9 +177,9 @@ def zeroshot_speed(
                                     "hf` on the weights exported to Hugging Face format."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Examples/s of zero-shot scoring: batched with the context's KV shared, against one
-    forward per candidate and against lm-evaluation-harness's hf model on the same weights,
-    in the same run; the accuracies of the ways are shown side by side.
+    """Examples/s of zero-shot scoring: batched, each context shared by its candidates,
+    against one forward per candidate and against lm-evaluation-harness's hf model on the
+    same weights, in the same run; the accuracies of the ways are shown side by side.
 
     Example: cpmctl bench zeroshot-speed --recipe cpm1-small --tokenizer work/tokenizer
     """

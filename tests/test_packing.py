@@ -1,0 +1,138 @@
+"""Packed candidates (cpmctl.bench.packing): the row layout written out by hand, and the
+scores and a soft prompt's gradient equal to one row per candidate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpmctl.bench.packing import packed_attention_mask, packed_batch, packed_length
+from cpmctl.bench.scoring import Row, candidate_losses, flat_batch, shared_batch
+from cpmctl.errors import CpmError
+from cpmctl.models import ModelConfig, build_model
+
+PAD = 0
+
+
+def tiny_gpt() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="gpt", vocab_size=60, d_model=64, n_heads=4, n_layers=2,
+                      max_positions=32, init_std=0.1)
+    return build_model(cfg).eval().requires_grad_(False)
+
+
+def test_the_packed_row_by_hand():
+    # context 11 12 13 shared; candidate a continues with 20 21, candidate b with 22 23 24
+    rows = [Row([11, 12, 13], [20, 21]), Row([11, 12, 13], [22, 23, 24])]
+    batch = packed_batch([rows, [Row([15], [30]), Row([15], [31])]], PAD)
+    # each tail but its last token follows the context; the second example is its context
+    assert batch.input_ids.tolist() == [[11, 12, 13, 20, 22, 23], [15, 0, 0, 0, 0, 0]]
+    assert batch.positions.tolist() == [[0, 1, 2, 3, 3, 4], [0, 0, 0, 0, 0, 0]]
+    assert batch.segments.tolist() == [[0, 0, 0, 1, 2, 2], [0, -1, -1, -1, -1, -1]]
+    assert batch.targets.tolist() == [[20, 21, 0], [22, 23, 24], [30, 0, 0], [31, 0, 0]]
+    assert batch.score_mask.tolist() == [[True, True, False], [True, True, True],
+                                         [True, False, False], [True, False, False]]
+    # the state predicting each target: the context's last (index 2), then the tail's own;
+    # the second example's states start at 6 (one row of 6)
+    gathered = batch.gather[batch.score_mask].tolist()
+    assert gathered == [2, 3, 2, 4, 5, 6, 6]
+    assert packed_length(rows) == 6
+    mask = packed_attention_mask(batch.segments)[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0],
+                    [1, 1, 1, 0, 0, 0],
+                    [1, 1, 1, 1, 0, 0],   # a's token: the context and itself
+                    [1, 1, 1, 0, 1, 0],   # b's first: the context, not a
+                    [1, 1, 1, 0, 1, 1]]
+    assert not packed_attention_mask(batch.segments)[1, 0, :, 1:].any()  # padding keys
+
+
+def test_an_unshared_context_tail_is_read_but_not_scored():
+    # contexts that differ after a common prefix: the rest of each is part of its tail
+    rows = [Row([11, 12, 40], [20]), Row([11, 12, 41, 42], [21, 22])]
+    batch = packed_batch([rows], PAD)
+    assert batch.input_ids.tolist() == [[11, 12, 40, 41, 42, 21]]
+    assert batch.positions.tolist() == [[0, 1, 2, 2, 3, 4]]
+    assert batch.targets.tolist() == [[40, 20, 0, 0], [41, 42, 21, 22]]
+    assert batch.score_mask.tolist() == [[False, True, False, False],
+                                         [False, False, True, True]]
+
+
+GROUPS = [
+    [Row([11, 12, 13], [20, 21]), Row([11, 12, 13], [22, 23, 24]), Row([11, 12, 13], [25])],
+    [Row([15, 16], [30]), Row([15, 17, 18], [31, 32])],
+    [Row([19], [33, 34, 35, 36]), Row([19], [37])],
+]
+
+
+def test_packed_scores_equal_one_row_per_candidate_and_the_kv_cache_layout():
+    model = tiny_gpt()
+    with torch.no_grad():
+        flat = candidate_losses(model, flat_batch([r for g in GROUPS for r in g], "gpt",
+                                                  PAD, PAD))
+        cached = candidate_losses(model, shared_batch(GROUPS, "gpt", PAD))
+        packed = candidate_losses(model, packed_batch(GROUPS, PAD))
+        alone = [candidate_losses(model, flat_batch([r], "gpt", PAD, PAD))[0].item()
+                 for g in GROUPS for r in g]
+    assert torch.equal(packed[1], flat[1])
+    assert packed[1].tolist() == [2, 3, 1, 1, 2, 4, 1]
+    assert packed[0].tolist() == pytest.approx(alone, abs=1e-5)
+    assert torch.allclose(packed[0], flat[0], atol=1e-5)
+    assert torch.allclose(packed[0], cached[0], atol=1e-5)
+
+
+def test_another_candidates_tail_does_not_change_a_score():
+    model = tiny_gpt()
+    first = [Row([11, 12], [20, 21]), Row([11, 12], [22, 23])]
+    other = [Row([11, 12], [20, 21]), Row([11, 12], [40, 41, 42, 43])]
+    with torch.no_grad():
+        a = candidate_losses(model, packed_batch([first], PAD))[0]
+        b = candidate_losses(model, packed_batch([other], PAD))[0]
+    assert a[0].item() == pytest.approx(b[0].item(), abs=1e-6)
+    assert a[1].item() != pytest.approx(b[1].item(), abs=1e-3)
+
+
+class FrontPrompt:
+    """Two prompt slots before the context (the seam of scoring's module docstring)."""
+
+    def __init__(self, width: int):
+        torch.manual_seed(1)
+        self.table = torch.nn.Parameter(torch.randn(2, width))
+
+    def place(self, parts):
+        return [PAD, PAD] + [t for p in parts for t in p], [0, 1]
+
+    def embed(self, model, input_ids, slot_positions):
+        embeds = model.wte(input_ids).clone()
+        rows = torch.arange(input_ids.shape[0])[:, None].expand_as(slot_positions)
+        embeds[rows, slot_positions] = self.table[None].expand(len(input_ids), -1, -1)
+        return embeds
+
+
+def test_a_soft_prompt_gets_the_same_scores_and_gradient_packed():
+    model = tiny_gpt()
+    prompt = FrontPrompt(model.cfg.d_model)
+    groups = []
+    for g in GROUPS:
+        ids, slots = prompt.place([g[0].context])
+        groups.append([Row(ids[:2] + r.context, r.continuation, slots) for r in g])
+    results = []
+    for batch in (flat_batch([r for g in groups for r in g], "gpt", PAD, PAD),
+                  packed_batch(groups, PAD)):
+        prompt.table.grad = None
+        logprob, counts = candidate_losses(model, batch, prompt)
+        (logprob / counts).sum().backward()
+        results.append((logprob.detach(), prompt.table.grad.clone()))
+    (flat_lp, flat_grad), (packed_lp, packed_grad) = results
+    assert torch.allclose(flat_lp, packed_lp, atol=1e-5)
+    assert flat_grad.abs().sum() > 0
+    assert torch.allclose(flat_grad, packed_grad, atol=1e-5)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_prompt_slot_outside_the_shared_context_is_refused():
+    rows = [Row([11, PAD, 12], [20], [1]), Row([11, PAD, 13], [21], [1])]
+    packed_batch([rows], PAD)  # slot 1 is in the shared prefix [11, PAD]
+    rows = [Row([11, 12, PAD], [20], [2]), Row([11, 13, PAD], [21], [2])]
+    with pytest.raises(CpmError, match="prompt slot falls outside"):
+        packed_batch([rows], PAD)
