@@ -163,3 +163,63 @@ def test_peft_export_refuses_a_prompt_not_in_front(models, tmp_path):
     with pytest.raises(CpmError, match="PEFT only prepends"):
         to_peft(path, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("layout", [PromptLayout(3, 0, 0), PromptLayout(1, 1, 1)])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_shared_context_training_gives_the_flat_rows_losses_and_gradients(layout, recompute):
+    """Prompt tuning on a choice/span rule scores each example's context once for its K
+    candidates (a SharedBatch through a GrowingKV); the log-likelihoods and the prompt's
+    gradient equal those of one row per candidate, with activations recomputed too."""
+    from cpmctl.bench.scoring import Row, candidate_losses, flat_batch, shared_batch
+    from cpmctl.models import checkpoint_activations
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="gpt", vocab_size=60, d_model=16, n_heads=2, n_layers=2,
+                      max_positions=32)
+    model = build_model(cfg).requires_grad_(False)
+    if recompute:
+        checkpoint_activations(model)
+    prompt = SoftPrompt(layout, cfg.d_model)
+    torch.nn.init.normal_(prompt.table)
+    groups = []
+    for parts, continuations in (([[11, 12, 13], [14]], [[20], [21, 22]]),
+                                 ([[15], [16, 17]], [[23, 24, 25], [26], [27]])):
+        ids, slots = prompt.place(parts)
+        groups.append([Row(ids, c, slots) for c in continuations])
+    results = []
+    for batch in (flat_batch([r for g in groups for r in g], "gpt", 5, 5),
+                  shared_batch(groups, "gpt", 5)):
+        prompt.table.grad = None
+        logprob, counts = candidate_losses(model, batch, prompt)
+        (logprob / counts).sum().backward()
+        results.append((logprob.detach(), counts, prompt.table.grad.clone()))
+    (flat_lp, flat_n, flat_grad), (shared_lp, shared_n, shared_grad) = results
+    assert torch.equal(flat_n, shared_n)
+    assert torch.allclose(flat_lp, shared_lp, atol=1e-5)
+    assert flat_grad.abs().sum() > 0
+    assert torch.allclose(flat_grad, shared_grad, atol=1e-5)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("layout", [PromptLayout(4, 0, 0), PromptLayout(1, 2, 1)])
+def test_a_long_example_loses_its_text_and_keeps_every_prompt_slot(layout):
+    """fit_group cuts the example's first tokens around the slots, so the prompt stays whole
+    and in place, and the context still ends with the template."""
+    from cpmctl.bench.scoring import Row, fit_group
+
+    prompt = SoftPrompt(layout, d_model=4)
+    text, template = list(range(100, 140)), [7, 8]
+    ids, slots = prompt.place([text, template])
+    rows = [Row(ids, [20], slots), Row(ids, [21, 22], slots)]
+    fitted, cut = fit_group(rows, max_positions=16)
+    assert cut
+    for row in fitted:
+        assert len(row.context) + len(row.continuation) <= 17
+        assert [row.context[s] for s in row.slots] == [PLACEHOLDER_ID] * layout.length
+        assert row.context[-2 - layout.back:] == template + [PLACEHOLDER_ID] * layout.back
+        kept = [t for i, t in enumerate(row.context) if i not in set(row.slots)][:-2]
+        assert kept == text[-len(kept):] and len(kept) > 0
+    assert fitted[0].context == fitted[1].context
+    assert fitted[1].continuation == [21, 22]  # cut for the longest: nothing of it goes
+    assert len(fitted[1].context) == 17 - 2

@@ -22,7 +22,7 @@ from cpmctl.models import ModelConfig, build_model
 from cpmctl.models.artifact import save_model
 from cpmctl.prompt import checkpoint as prompt_checkpoint
 from cpmctl.prompt import load_prompt
-from cpmctl.prompt.tune import TuneInputs, Tuner, TuneSettings
+from cpmctl.prompt.tune import TuneInputs, Tuner, TuneSettings, tune
 from cpmctl.quickstart import package_dir
 from cpmctl.tokenizer.build import build_tokenizer
 from tests.conftest import SENTIMENT_TASK
@@ -224,6 +224,10 @@ def test_resume_after_sigkill_gives_the_same_losses(setup, tmp_path):
     (["--position", "middle"], "needs two (a sentence pair)"),
     (["--fix-prompt"], "--fix-prompt keeps the prompt fixed in stage 2"),
     (["--init", "zeros"], "expected mask, vocab or text"),
+    (["--engine", "deepspeed"], "--engine deepspeed is for stage 2 (--stage2)"),
+    (["--zero-stage", "2"], "are DeepSpeed's: add --engine deepspeed"),
+    (["--stage2", "--engine", "deepspeed", "--zero-stage", "0", "--precision", "bf16"],
+     "DeepSpeed trains half precision with ZeRO only"),
 ])
 def test_bad_settings_are_one_line_errors(setup, tmp_path, cli, args, message):
     result = cli("tune-prompt", "-m", setup["model"], "-t", setup["task"], "--train",
@@ -360,3 +364,56 @@ def test_peft_round_trip_gives_the_same_label_scores(setup, tmp_path):
             got.append(logprobs[3 + positions - 1, ids[0, positions]].sum())
     assert torch.allclose(torch.stack(got), expected, atol=1e-4, rtol=0)
     assert torch.equal(expected.view(-1, 2).argmax(1), torch.stack(got).view(-1, 2).argmax(1))
+
+
+@pytest.mark.slow
+def test_stage2_under_deepspeed_matches_the_torch_engine_and_resumes(setup, tmp_path,
+                                                                      monkeypatch):
+    """Stage 2 from a prompt under DeepSpeed (ZeRO-2, one process, fp32) logs the torch
+    engine's losses and gradient norms (DeepSpeed sums its flat buffers in another order),
+    writes the same kind of model and prompt, and a run interrupted after a checkpoint
+    resumes with exactly the losses of the uninterrupted one."""
+    stage1 = Tuner(_inputs(setup), TuneSettings(length=3, position="back", steps=2,
+                                                batch_size=8))
+    first = stage1.run(tmp_path / "p1")["prompt"]
+
+    def stage2(name: str, engine: str, fix: bool = False) -> list[dict]:
+        settings = TuneSettings(stage2=True, steps=4, batch_size=8, micro_batch=4,
+                                checkpoint_every=2, eval_every=2, engine=engine,
+                                zero_stage=2 if engine == "deepspeed" else None,
+                                fix_prompt=fix)
+        out = tmp_path / name
+        tune(_inputs(setup, prompt=Path(first)), settings, out,
+             prompt_out=tmp_path / f"{name}-prompt")
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    torch_run, ds_run = stage2("t", "torch"), stage2("d", "deepspeed")
+    assert [r["step"] for r in ds_run] == [1, 2, 3, 4]
+    for x, y in zip(torch_run, ds_run, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        assert x.get("valid_acc") == y.get("valid_acc")
+    tuned = open_artifact(tmp_path / "d", "model")
+    theirs = load_prompt(tmp_path / "t-prompt", open_artifact(tmp_path / "t").digest).table
+    ours = load_prompt(tmp_path / "d-prompt", tuned.digest).table
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.equal(ours, load_prompt(first, open_artifact(setup["model"]).digest).table)
+
+    checkpoint_once = Tuner._checkpoint
+
+    def interrupted(self, folder):
+        checkpoint_once(self, folder)
+        raise KeyboardInterrupt("killed after the first checkpoint")
+
+    monkeypatch.setattr(Tuner, "_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage2("r", "deepspeed")
+    monkeypatch.setattr(Tuner, "_checkpoint", checkpoint_once)
+    resumed = stage2("r", "deepspeed")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in resumed] == \
+        [(r["step"], r["loss"], r["grad_norm"]) for r in ds_run]
+    assert (tmp_path / "r/model.safetensors").read_bytes() == \
+        (tmp_path / "d/model.safetensors").read_bytes()
+    stage2("f", "deepspeed", fix=True)  # a fixed prompt: no optimizer's, written as it was
+    fixed = load_prompt(tmp_path / "f-prompt", open_artifact(tmp_path / "f").digest).table
+    assert torch.equal(fixed, load_prompt(first, open_artifact(setup["model"]).digest).table)

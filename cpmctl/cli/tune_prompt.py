@@ -58,6 +58,14 @@ def tune_prompt(
                                 "--prompt: full fine-tuning)."),
     fix_prompt: bool = typer.Option(False, "--fix-prompt", help="Stage 2: keep the prompt "
                                                                "fixed."),
+    engine: str = typer.Option(
+        "torch", help="Stage 2: torch, or deepspeed (ZeRO, for models whose optimizer state "
+                      "does not fit; one process)."),
+    zero_stage: int = typer.Option(None, help="--engine deepspeed: the ZeRO stage 0-3 "
+                                              "(default 2)."),
+    offload_optimizer: bool = typer.Option(
+        False, "--offload-optimizer", help="--engine deepspeed: optimizer state and step in "
+                                           "host memory."),
     prompt: Path = typer.Option(
         None, "--prompt", help="A prompt artifact: stage 2's start, or what --to converts."),
     prompt_out: Path = typer.Option(None, "--prompt-out",
@@ -109,7 +117,8 @@ def tune_prompt(
         grad_clip=clip, epochs=epochs, steps=steps, batch_size=batch_size,
         micro_batch=micro_batch, precision=precision, eval_every=eval_every, patience=patience,
         checkpoint_every=checkpoint_every, eval_batch=eval_batch, seed=seed, device=device,
-        stage2=stage2, fix_prompt=fix_prompt, activation_checkpointing=activation_checkpointing)
+        stage2=stage2, fix_prompt=fix_prompt, activation_checkpointing=activation_checkpointing,
+        engine=engine, zero_stage=zero_stage, offload_optimizer=offload_optimizer)
     summary = tune(TuneInputs(model, task, train, valid, prompt), settings, output,
                    prompt_out=prompt_out, force=force)
     if as_json:

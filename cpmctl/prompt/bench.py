@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench.scoring import candidate_losses, flat_batch
+from ..bench.scoring import candidate_losses
 from ..errors import CpmError
 
 METHODS = ("cpmctl prompt tuning", "cpmctl prompt tuning, activations recomputed",
@@ -47,6 +47,8 @@ class BenchSpec:
     """The same weights exported with `model convert --to hf`, for PEFT to load."""
     groups: list  # per example: [(context ids, continuation ids, slots), ...]
     gold: list[int]
+    rule: str
+    """The task's scoring rule: choice/span candidates share their context's forward."""
     length: int
     pad_id: int
     batch: int
@@ -76,35 +78,48 @@ def _gold_ce(scores: torch.Tensor, sizes: list[int], gold: list[int]) -> torch.T
 
 
 def _ours(spec: BenchSpec, model, prompt, indices: list[int]) -> torch.Tensor:
+    """tune-prompt's forward and loss (its `training_batch`: a choice rule's candidates share
+    one forward of their context)."""
     from ..bench.scoring import Row
+    from .tune import training_batch
 
-    rows = [Row(list(c) if prompt is not None else list(c[spec.length:]), list(t),
-                list(s) if prompt is not None else [])
-            for i in indices for c, t, s in spec.groups[i]]
-    batch = flat_batch(rows, "gpt", spec.pad_id, spec.pad_id)
+    groups = [[Row(list(c) if prompt is not None else list(c[spec.length:]), list(t),
+                   list(s) if prompt is not None else [])
+               for c, t, s in spec.groups[i]] for i in indices]
+    batch = training_batch(groups, spec.rule, "gpt", spec.pad_id)
     logprob, _ = candidate_losses(model, batch, prompt)
     return _gold_ce(logprob, [len(spec.groups[i]) for i in indices],
                     [spec.gold[i] for i in indices])
 
 
-def _peft(spec: BenchSpec, model, indices: list[int]) -> torch.Tensor:
-    """PEFT's forward: input ids right-padded, its virtual tokens prepended inside."""
-    seqs = [(list(c[spec.length:]) + list(t), len(t)) for i in indices
-            for c, t, _ in spec.groups[i]]
-    longest = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), longest), spec.pad_id, dtype=torch.long)
+def peft_scores(model, rows: list[tuple[list[int], list[int]]], length: int,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's forward over (context, continuation) rows whose contexts start with `length`
+    prompt slots (they are dropped: PEFT prepends its virtual tokens inside): input ids
+    right-padded (the last token left out, as cpmctl leaves it: it predicts nothing, and a row
+    then fits the same positions), logits for every position, log-softmax; returns each
+    continuation's summed log-likelihood [R] and token count [R]."""
+    seqs = [(list(c[length:]) + list(t), len(t)) for c, t in rows]
+    longest = max(len(s) for s, _ in seqs) - 1
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, (s, _) in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s)
-        mask[r, :len(s)] = 1
+        ids[r, :len(s) - 1] = torch.tensor(s[:-1])
+        mask[r, :len(s) - 1] = 1
     logits = model(input_ids=ids, attention_mask=mask).logits  # [R, length + longest, V]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     scores = []
     for r, (s, n) in enumerate(seqs):
         positions = torch.arange(len(s) - n, len(s))  # the continuation's tokens
-        predicted = logprobs[r, spec.length + positions - 1]
-        scores.append(predicted.gather(-1, ids[r, positions][:, None]).sum())
-    return _gold_ce(torch.stack(scores), [len(spec.groups[i]) for i in indices],
+        predicted = logprobs[r, length + positions - 1]
+        scores.append(predicted.gather(-1, torch.tensor(s)[positions][:, None]).sum())
+    return torch.stack(scores), torch.tensor([n for _, n in seqs])
+
+
+def _peft(spec: BenchSpec, model, indices: list[int]) -> torch.Tensor:
+    rows = [(c, t) for i in indices for c, t, _ in spec.groups[i]]
+    scores, _ = peft_scores(model, rows, spec.length, spec.pad_id)
+    return _gold_ce(scores, [len(spec.groups[i]) for i in indices],
                     [spec.gold[i] for i in indices])
 
 
@@ -112,8 +127,10 @@ def _measure(method: str, spec: BenchSpec) -> dict:
     """One method's run (in its own process): steps/s and peak RSS."""
     from ..models import build_model, checkpoint_activations
     from ..train.optim import parameter_groups
+    from .memory import fix_mmap_threshold
     from .soft import PromptLayout, SoftPrompt
 
+    fix_mmap_threshold()  # every method alike: tune-prompt runs so (memory.py)
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     lr = LR["prompt"]
@@ -150,7 +167,7 @@ def _measure(method: str, spec: BenchSpec) -> dict:
     start, losses = None, []
     for step in range(spec.warmup + spec.steps):
         if step == spec.warmup:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         first = step * spec.batch % len(spec.groups)
         indices = [(first + k) % len(spec.groups) for k in range(spec.batch)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
@@ -160,8 +177,9 @@ def _measure(method: str, spec: BenchSpec) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {"method": method, "steps_per_s": spec.steps / seconds,
+            "cpu_s_per_step": round(cpu_seconds / spec.steps, 3),
             "peak_rss_mb": round(_peak_rss_mb(), 1), "rss_before_training_mb": round(rss_ready, 1),
             "weights_mb": round(weights_mb, 1),
             "trainable_parameters": sum(p.numel() for p in trainable),
@@ -227,7 +245,8 @@ def bench_prompt(model_path, task_name: str, train_path, *, shape: str = "cpm1-s
         torch.manual_seed(seed)
         hf_folder = Path(scratch) / "hf"
         write_hf_folder(hf_folder, build_model(cfg), cfg, None)
-        spec = BenchSpec(cfg, str(hf_folder), groups, gold, length, tokenizer.pad_id, batch,
+        spec = BenchSpec(cfg, str(hf_folder), groups, gold, task.rule, length,
+                         tokenizer.pad_id, batch,
                          steps, warmup, precision, torch.get_num_threads(), seed)
         runs = [_run_alone(method, spec) for method in METHODS]
     ours, recomputed, full, peft = runs
@@ -245,5 +264,9 @@ def bench_prompt(model_path, task_name: str, train_path, *, shape: str = "cpm1-s
         "recomputed_rss_vs_peft": round(recomputed["peak_rss_mb"] / peft["peak_rss_mb"], 3),
         "recomputed_speed_vs_peft": round(recomputed["steps_per_s"] / peft["steps_per_s"], 3),
         "speed_vs_peft": round(ours["steps_per_s"] / peft["steps_per_s"], 3),
+        # CPU seconds a step (all threads): less at the mercy of other jobs than wall time
+        "cpu_speed_vs_peft": round(peft["cpu_s_per_step"] / ours["cpu_s_per_step"], 3),
+        "cpu_speed_vs_full_finetuning": round(full["cpu_s_per_step"]
+                                              / ours["cpu_s_per_step"], 3),
         "speed_vs_full_finetuning": round(ours["steps_per_s"] / full["steps_per_s"], 3),
     }

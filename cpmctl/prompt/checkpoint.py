@@ -31,6 +31,10 @@ from ..errors import CpmError
 from ..models.artifact import MODEL_JSON, load_weights, read_model_json, write_model_files
 from ..train.checkpoint import read_optimizer, step_dir_name, write_optimizer
 
+#: A model's weights as they are written: (state dict, ModelConfig). A model's own
+#: `state_dict()` under the torch engine; the gathered fp32 masters under DeepSpeed.
+Weights = tuple[dict, object]
+
 CHECKPOINTS = ".checkpoints"
 BEST = ".best"
 LATEST = "latest"
@@ -38,12 +42,12 @@ PROMPT_FILE = "prompt.safetensors"
 STATE_FILE = "trainer_state.json"
 
 
-def _write_state(folder: Path, prompt: torch.Tensor | None, model: nn.Module | None) -> None:
+def _write_state(folder: Path, prompt: torch.Tensor | None, model: Weights | None) -> None:
     if prompt is not None:
         save_file({"prompt": prompt.detach().float().cpu().contiguous()},
                   str(folder / PROMPT_FILE), metadata={"format": "pt"})
     if model is not None:
-        write_model_files(folder, model.state_dict(), model.cfg)
+        write_model_files(folder, *model)
 
 
 def _read_state(folder: Path, prompt: torch.Tensor | None, model: nn.Module | None) -> None:
@@ -63,7 +67,7 @@ def _read_state(folder: Path, prompt: torch.Tensor | None, model: nn.Module | No
         load_weights(folder, model, tied)
 
 
-def save_best(folder: Path, *, prompt: torch.Tensor | None, model: nn.Module | None) -> None:
+def save_best(folder: Path, *, prompt: torch.Tensor | None, model: Weights | None) -> None:
     """Keep the current state as the best one (replacing the previous best atomically)."""
     building = folder / f".{BEST}.building"
     shutil.rmtree(building, ignore_errors=True)
@@ -81,10 +85,10 @@ def load_best(folder: Path, *, prompt: torch.Tensor | None, model: nn.Module | N
     return True
 
 
-def save(folder: Path, step: int, *, prompt: torch.Tensor | None,
-         model: nn.Module | None, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-    """Write checkpoint `step` under `folder/.checkpoints/`, point `latest` at it and remove
-    the older ones."""
+def save(folder: Path, step: int, *, prompt: torch.Tensor | None, model: Weights | None,
+         optimizer: dict, state: dict) -> Path:
+    """Write checkpoint `step` (`optimizer`: a torch optimizer state dict) under
+    `folder/.checkpoints/`, point `latest` at it and remove the older ones."""
     root = folder / CHECKPOINTS
     root.mkdir(exist_ok=True)
     name = step_dir_name(step)
@@ -92,7 +96,7 @@ def save(folder: Path, step: int, *, prompt: torch.Tensor | None,
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir()
     _write_state(building, prompt, model)
-    write_optimizer(building, optimizer.state_dict())
+    write_optimizer(building, optimizer)
     (building / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
     shutil.rmtree(root / name, ignore_errors=True)
     os.rename(building, root / name)
@@ -115,12 +119,14 @@ def latest(folder: Path) -> Path | None:
 
 
 def load(checkpoint: Path, *, prompt: torch.Tensor | None, model: nn.Module | None,
-         optimizer: torch.optim.Optimizer) -> dict:
+         optimizer) -> dict:
     """Restore a checkpoint into the prompt table, the model (stage 2) and the optimizer;
-    returns the trainer state."""
+    returns the trainer state. `optimizer`: a torch optimizer, or a function given the saved
+    state dict (DeepSpeed writes it into its partitions)."""
     _read_state(checkpoint, prompt, model)
+    load_optimizer = getattr(optimizer, "load_state_dict", optimizer)
     try:
-        optimizer.load_state_dict(read_optimizer(checkpoint))
+        load_optimizer(read_optimizer(checkpoint))
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CpmError(f"{checkpoint}: its optimizer state does not fit this run ({exc})") \
             from None

@@ -10,7 +10,8 @@ PT -> FT), or, without a starting prompt, the whole model alone (full fine-tunin
 
 The objective is the task's own scoring rule made differentiable: every candidate of an
 example goes through `cpmctl.bench.scoring.candidate_losses` (the same tokenisation, placement
-and forward pass as `cpmctl bench run --prompt`), its score is the rule's (cpm1: the mean
+and forward pass as `cpmctl bench run --prompt`; the choice/span rules' candidates share one
+forward of their common context, `training_batch`), its score is the rule's (cpm1: the mean
 log-likelihood per continuation token; choice/span: the summed log-likelihood), and the loss
 is the cross-entropy of the gold candidate among them. Validation accuracy is the task's
 metric (`acc`) computed by `cpmctl.bench.scoring.score`; early stopping keeps the best prompt.
@@ -38,12 +39,16 @@ from torch import nn
 
 from ..artifacts import ArtifactWriter, digest_path, open_artifact
 from ..bench.scoring import (
+    FlatBatch,
+    Row,
+    SharedBatch,
     candidate_losses,
     encode_candidate,
     fit_group,
     flat_batch,
     make_row,
     score,
+    shared_batch,
 )
 from ..bench.tasks import load_task
 from ..bench.tasks.format import CHOICE, template_fields
@@ -51,7 +56,7 @@ from ..console import info, warn
 from ..errors import CpmError
 from ..folders import copy_tree
 from ..infer.load import resolve_device
-from ..models import checkpoint_activations
+from ..models import build_model, checkpoint_activations
 from ..models.artifact import TOKENIZER_DIR, load_model, parameter_count, write_model_files
 from ..tokenizer import from_folder
 from ..train.checkpoint import rng_state, set_rng_state
@@ -65,10 +70,13 @@ from .artifact import (
     save_prompt,
     write_prompt_files,
 )
+from .engine import MODEL, PROMPT, PromptedModel, gathered_weights, start_deepspeed
+from .memory import fix_mmap_threshold
 from .soft import PromptLayout, SoftPrompt, parse_position
 
 METRICS = "metrics.jsonl"
 PRECISIONS = ("fp32", "bf16")
+ENGINES = ("torch", "deepspeed")
 STAGE1_LR, STAGE2_LR = 5e-3, 1e-4
 LOG_EVERY = 10  # steps between progress lines (every step goes to metrics.jsonl)
 
@@ -102,6 +110,11 @@ class TuneSettings:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them: less
     memory (the frozen model's activations dominate prompt tuning's), one more forward."""
+    engine: str = "torch"
+    """Stage 2: torch, or deepspeed (ZeRO; engine.py)."""
+    zero_stage: int | None = None
+    """deepspeed: the ZeRO stage (None: 2)."""
+    offload_optimizer: bool = False
 
     def check(self) -> None:
         bad = []
@@ -122,8 +135,33 @@ class TuneSettings:
             bad.append(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.fix_prompt and not self.stage2:
             bad.append("--fix-prompt keeps the prompt fixed in stage 2: add --stage2")
+        bad += self._engine_problems()
         if bad:
             raise CpmError("; ".join(bad))
+
+    def _engine_problems(self) -> list[str]:
+        if self.engine not in ENGINES:
+            return [f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}"]
+        if self.engine == "torch":
+            return ["--zero-stage and --offload-optimizer are DeepSpeed's: add --engine "
+                    "deepspeed"] if self.offload_optimizer or self.zero_stage is not None else []
+        bad = []
+        if not self.stage2:
+            bad.append("--engine deepspeed is for stage 2 (--stage2): stage 1 trains the "
+                       "prompt alone, a few kilobytes")
+        stage = self.zero_stage if self.zero_stage is not None else 2
+        if not 0 <= stage <= 3:
+            bad.append(f"--zero-stage must be 0-3, got {stage}")
+        elif stage == 0 and self.precision != "fp32":
+            bad.append(f"--zero-stage 0 with --precision {self.precision}: DeepSpeed trains "
+                       "half precision with ZeRO only; use --zero-stage 1 or more")
+        if self.offload_optimizer and stage < 1:
+            bad.append("--offload-optimizer needs --zero-stage 1 or more")
+        if self.micro_batch and self.batch_size % self.micro_batch:
+            bad.append(f"--engine deepspeed steps after a fixed number of micro-batches: "
+                       f"--batch-size {self.batch_size} must be a multiple of --micro-batch "
+                       f"{self.micro_batch}")
+        return bad
 
     @property
     def learning_rate(self) -> float:
@@ -148,8 +186,9 @@ def task_definition(task) -> dict:
 
 
 class _Rows:
-    """Training or validation examples as scored rows: those scoring can fit into the model's
-    context without cutting the prompt (the others are left out, with a warning)."""
+    """Training or validation examples as scored rows, cut to fit the model's context as
+    scoring cuts them (the example's tokens go, the prompt's slots stay); one that cannot fit
+    even so is left out, with a warning."""
 
     def __init__(self, task, tokenizer, cfg, examples, prompt, seed: int, source: str):
         import random
@@ -162,8 +201,9 @@ class _Rows:
                                               eod=task.eod, span=task.rule == "span"), prompt)
                     for candidate in requests.candidates]
             if cfg.arch == "gpt":
-                try:  # cut to fit as scoring cuts them, unless the prompt would be cut
-                    rows, _ = fit_group(rows, cfg.max_positions)
+                try:
+                    rows, _ = fit_group(rows, cfg.max_positions,
+                                        keep_context=task.rule == "cpm1")
                 except CpmError:
                     dropped += 1
                     continue
@@ -172,11 +212,21 @@ class _Rows:
             self.gold.append(requests.gold)
         if dropped:
             warn(f"{source}: {dropped:,} of {len(examples):,} examples do not fit the model's "
-                 f"context ({cfg.max_positions} positions) without cutting the prompt; they "
-                 "are left out")
+                 f"context ({cfg.max_positions} positions) beside the prompt even with their "
+                 "text cut; they are left out")
         if not self.examples:
             raise CpmError(f"{source}: no example fits the model's context "
                            f"({cfg.max_positions} positions) beside the prompt")
+
+
+def training_batch(groups: list[list[Row]], rule: str, arch: str, pad_id: int,
+                   sentinel_id: int | None = None) -> FlatBatch | SharedBatch:
+    """The batch one training forward scores, as `cpmctl bench run` batches the rule: the
+    choice/span rules' candidates share their context (computed once for the K of them, the
+    gradient flowing back through it), cpm1's differ in the context and get a row each."""
+    if rule in ("choice", "span"):
+        return shared_batch(groups, arch, pad_id, sentinel_id, pad_id)
+    return flat_batch([r for g in groups for r in g], arch, pad_id, pad_id, sentinel_id)
 
 
 def _check_room(task, tokenizer, cfg, length: int) -> None:
@@ -215,6 +265,7 @@ class Tuner:
         if settings.patience and inputs.valid is None:
             raise CpmError("--patience stops on validation accuracy: give --valid")
         self.start = self._check_prompt_settings()  # before the model is loaded
+        fix_mmap_threshold()
         self.model, self.cfg = load_model(self.base.path)
         self.prompt = self._starting_prompt()
         torch.manual_seed(settings.seed)
@@ -233,7 +284,16 @@ class Tuner:
         if self.prompt is not None:
             self.prompt.to(self.device)
         self._freeze()
-        self.optimizer = self._optimizer()
+        self.deepspeed = settings.engine == "deepspeed"
+        groups = self._groups()
+        self._trainable = [p for group in groups for p in group["params"]]
+        if self.deepspeed:  # it moves the model to its device and casts it for bf16
+            self.engine = start_deepspeed(self.model, self.prompt, groups, settings)
+            self.device = self.engine.processes.device
+            self.optimizer = self.engine.optimizer
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate,
+                                               weight_decay=settings.weight_decay)
         n = len(self.train.examples)
         self.total_steps = settings.steps or math.ceil(settings.epochs * n / settings.batch_size)
         self.steps_per_epoch = math.ceil(n / settings.batch_size)
@@ -279,16 +339,22 @@ class Tuner:
         if self.prompt is not None:
             self.prompt.requires_grad_(not s.fix_prompt)
 
-    def _optimizer(self) -> torch.optim.AdamW:
+    def _groups(self) -> list[dict]:
+        """AdamW's parameter groups: stage 2 the model's (decay on weight matrices only), and
+        the prompt's (decayed) unless fixed; named as engine.PromptedModel names them under
+        DeepSpeed (its state dicts are looked up by name)."""
         s = self.settings
         groups = parameter_groups(self.model, s.weight_decay) if s.stage2 else []
+        if self.deepspeed:
+            for group in groups:
+                group["names"] = [MODEL + name for name in group["names"]]
         if self.prompt is not None and not s.fix_prompt:
             groups.append({"params": [self.prompt.table], "weight_decay": s.weight_decay,
-                           "names": ["prompt"]})
-        return torch.optim.AdamW(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
+                           "names": [PROMPT if self.deepspeed else "prompt"]})
+        return groups
 
     def trainable(self) -> list[nn.Parameter]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+        return self._trainable
 
     def resume_key(self) -> str:
         parts = {"base": self.base.digest, "task": task_definition(self.task),
@@ -313,19 +379,18 @@ class Tuner:
         return out
 
     def _autocast(self):
-        enabled = self.settings.precision == "bf16"
+        # NOTE: DeepSpeed casts the weights to bf16 itself
+        enabled = self.settings.precision == "bf16" and not self.deepspeed
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _loss(self, indices: list[int]) -> torch.Tensor:
         """Summed cross-entropy of the gold candidates of these examples."""
-        # NOTE: every candidate its own row (FlatBatch) for every rule: the shared-context
-        # batch writes its KV cache in place, which autograd cannot differentiate through.
-        pad = self.tokenizer.pad_id
         sentinel = self.tokenizer.sentinel_id(0) if self.cfg.arch == "encdec" else None
-        batch = flat_batch([r for i in indices for r in self.train.rows[i]], self.cfg.arch,
-                           pad, pad, sentinel)
+        batch = training_batch([self.train.rows[i] for i in indices], self.task.rule,
+                               self.cfg.arch, self.tokenizer.pad_id, sentinel)
         with self._autocast():
-            logprob, counts = candidate_losses(self.model, batch, self.prompt)
+            logprob, counts = (self.engine.forward_module(batch) if self.deepspeed
+                               else candidate_losses(self.model, batch, self.prompt))
         scores = logprob / counts if self.task.rule == "cpm1" else logprob
         loss, at = scores.new_zeros(()), 0
         for i in indices:
@@ -341,11 +406,17 @@ class Tuner:
         total = 0.0
         for start in range(0, len(indices), micro):
             loss = self._loss(indices[start:start + micro])
-            (loss / len(indices)).backward()
+            if self.deepspeed:  # steps, clipping first, after the last micro-batch
+                self.engine.backward(loss / len(indices))
+            else:
+                (loss / len(indices)).backward()
             total += float(loss.detach())
-        norm = nn.utils.clip_grad_norm_(self.trainable(), s.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.deepspeed:
+            norm = self.engine.finish_step()
+        else:
+            norm = nn.utils.clip_grad_norm_(self.trainable(), s.grad_clip or float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                 "loss": total / len(indices), "grad_norm": float(norm),
@@ -407,29 +478,57 @@ class Tuner:
             return None
         if self.best_acc is None or acc > self.best_acc:
             self.best_acc, self.since_best = acc, 0
-            checkpoint.save_best(folder, prompt=None if self.prompt is None
-                                 else self.prompt.table,
-                                 model=self.model if self.settings.stage2 else None)
+            checkpoint.save_best(folder, **self._state())
         else:
             self.since_best += 1
         return acc
 
+    def _state(self) -> dict:
+        """What a checkpoint or the best state holds: the prompt's table (fp32) and, in stage
+        2, the model's weights (checkpoint.Weights; under DeepSpeed its gathered masters)."""
+        if self.deepspeed:
+            weights, table = gathered_weights(self.engine)
+            return {"prompt": table if table is not None else self._fixed_table(),
+                    "model": (weights, self.cfg)}
+        return {"prompt": None if self.prompt is None else self.prompt.table,
+                "model": (self.model.state_dict(), self.cfg) if self.settings.stage2 else None}
+
+    def _fixed_table(self) -> torch.Tensor | None:
+        """A fixed prompt's table as it started (fp32; DeepSpeed's bf16 copy is rounded)."""
+        return None if self.prompt is None else self.start.table
+
     def _checkpoint(self, folder: Path) -> None:
         state = {"step": self.step, "best_acc": self.best_acc, "since_best": self.since_best,
                  "rng": rng_state()}
-        checkpoint.save(folder, self.step, prompt=None if self.prompt is None
-                        else self.prompt.table,
-                        model=self.model if self.settings.stage2 else None,
-                        optimizer=self.optimizer, state=state)
+        optimizer = (self.engine.state_dicts()[1] if self.deepspeed
+                     else self.optimizer.state_dict())
+        checkpoint.save(folder, self.step, **self._state(), optimizer=optimizer, state=state)
+
+    def _cpu_copy(self) -> tuple[nn.Module, SoftPrompt | None]:
+        """A fresh fp32 CPU model (and prompt) to read a saved state into (DeepSpeed keeps its
+        own partitioned, possibly bf16, copies)."""
+        model = build_model(self.cfg)
+        prompt = None if self.prompt is None else SoftPrompt(self.prompt.layout,
+                                                             self.cfg.d_model)
+        return model, prompt
 
     def _restore(self, writer: ArtifactWriter) -> None:
         found = checkpoint.latest(writer.dir) if writer.resumed else None
         if found is None:
             (writer.dir / METRICS).unlink(missing_ok=True)
             return
-        state = checkpoint.load(
-            found, prompt=None if self.prompt is None else self.prompt.table,
-            model=self.model if self.settings.stage2 else None, optimizer=self.optimizer)
+        if self.deepspeed:
+            model, prompt = self._cpu_copy()
+            probe = self._probe
+            state = checkpoint.load(
+                found, prompt=None if prompt is None else prompt.table, model=model,
+                optimizer=lambda saved: self.engine.load_state(
+                    dict(PromptedModel(model, prompt).named_parameters()), saved, probe,
+                    str(found)))
+        else:
+            state = checkpoint.load(
+                found, prompt=None if self.prompt is None else self.prompt.table,
+                model=self.model if self.settings.stage2 else None, optimizer=self.optimizer)
         self.step, self.best_acc = state["step"], state["best_acc"]
         self.since_best = state["since_best"]
         set_rng_state(state["rng"])
@@ -441,9 +540,23 @@ class Tuner:
 
     # --- the output -------------------------------------------------------------------
 
+    def _probe(self) -> torch.Tensor:
+        """A loss on the first micro-batch of this step (DeepSpeed's restore steps on it at
+        learning rate 0 to build its optimizer state)."""
+        micro = self.settings.micro_batch or self.settings.batch_size
+        return self._loss(self._positions(self.step)[:micro])
+
     def _finish(self, writer: ArtifactWriter, prompt_out: Path | None, force: bool,
                 stopped_early: bool) -> dict:
         s = self.settings
+        if self.deepspeed:  # the output is written from fp32 CPU copies
+            weights, table = gathered_weights(self.engine)
+            self.model, prompt = self._cpu_copy()
+            self.model.load_state_dict(weights)
+            if prompt is not None:
+                with torch.no_grad():
+                    prompt.table.copy_(table if table is not None else self._fixed_table())
+                self.prompt = prompt
         # the best validation's state, not the last step's
         checkpoint.load_best(writer.dir, prompt=None if self.prompt is None
                              else self.prompt.table,
@@ -484,4 +597,9 @@ class Tuner:
 def tune(inputs: TuneInputs, settings: TuneSettings, out: Path, *,
          prompt_out: Path | None = None, force: bool = False) -> dict:
     """Run tune-prompt; returns what it wrote and a summary (steps, best accuracy, sizes)."""
-    return Tuner(inputs, settings).run(Path(out), prompt_out=prompt_out, force=force)
+    from ..train.engines import stop_processes
+
+    try:
+        return Tuner(inputs, settings).run(Path(out), prompt_out=prompt_out, force=force)
+    finally:
+        stop_processes()

@@ -97,9 +97,12 @@ def ds_config(recipe: Recipe, world_size: int) -> dict:
 class DeepSpeedEngine:
     """The `TorchEngine` interface (see engines.py) over a DeepSpeed engine."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, processes: Processes):
+    def __init__(self, model: nn.Module, recipe: Recipe, processes: Processes,
+                 optimizer: torch.optim.Optimizer | None = None):
+        """`optimizer`: the recipe's (build_optimizer) when None; tune-prompt's stage 2 hands
+        in its own (the model's groups and the prompt's), with "names" in every group."""
         self.recipe, self.processes = recipe, processes
-        optimizer = build_optimizer(model, recipe.train)
+        optimizer = optimizer or build_optimizer(model, recipe.train)
         # The torch layout of the optimizer's state dict (groups, names, hyper-parameters),
         # taken before DeepSpeed replaces the groups' parameters by flat partitions.
         self._layout = optimizer.state_dict()["param_groups"]
@@ -168,7 +171,8 @@ class DeepSpeedEngine:
         return self.recipe.engine.zero_stage >= 1
 
     def _fp32(self, p: nn.Parameter) -> torch.Tensor:
-        return safe_get_full_fp32_param(p) if self._partitioned else p
+        """The full fp32 master of `p`; a frozen parameter (no optimizer's) has none: itself."""
+        return safe_get_full_fp32_param(p) if self._partitioned and p.requires_grad else p
 
     def _moment(self, p: nn.Parameter, key: str) -> torch.Tensor:
         if self._partitioned:
@@ -218,13 +222,20 @@ class DeepSpeedEngine:
         create its (lazily built) optimizer state without changing a weight."""
         cpu = build_model(self.recipe.model)
         trainer_state = load_checkpoint(checkpoint, cpu, None)
-        saved = read_optimizer(Path(checkpoint))
+        self.load_state(dict(cpu.named_parameters()), read_optimizer(Path(checkpoint)), probe,
+                        str(checkpoint))
+        return trainer_state
+
+    def load_state(self, weights: dict[str, torch.Tensor], saved: dict, probe,
+                   where: str) -> None:
+        """Write full fp32 `weights` (by parameter name) and a torch AdamW state dict `saved`
+        into the partitions (`restore`'s work, for a checkpoint read elsewhere)."""
         if len(saved["param_groups"]) != len(self._layout):
-            raise CpmError(f"{checkpoint}: the optimizer has {len(self._layout)} parameter "
+            raise CpmError(f"{where}: the optimizer has {len(self._layout)} parameter "
                            f"group(s), the checkpoint {len(saved['param_groups'])}")
         self._materialise_state(probe)
         self._link_moments()
-        weights, params = dict(cpu.named_parameters()), dict(self.module.named_parameters())
+        params = dict(self.module.named_parameters())
         for layout in self._layout:
             for index, name in zip(layout["params"], layout["names"], strict=True):
                 self._set(params[name], weights[name], saved["state"].get(index))
@@ -232,7 +243,6 @@ class DeepSpeedEngine:
         for s in self._base_optimizer().state.values():
             if "step" in s:
                 s["step"].fill_(float(step))
-        return trainer_state
 
     def _materialise_state(self, probe) -> None:
         lrs = [group["lr"] for group in self.optimizer.param_groups]

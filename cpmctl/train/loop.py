@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from cpmctl import console
 from cpmctl.artifacts import finalize_in_place, open_artifact
@@ -45,7 +44,7 @@ from cpmctl.train.checkpoint import (
     set_rng_state,
 )
 from cpmctl.train.collectives import Collectives
-from cpmctl.train.engines import build_engine, start_processes
+from cpmctl.train.engines import build_engine, start_processes, stop_processes
 from cpmctl.train.objectives import build_objective
 from cpmctl.train.run_folder import METRICS_FILE, RECIPE_FILE, RunFolder
 from cpmctl.train.schedule import learning_rate
@@ -335,7 +334,6 @@ def train(recipe_path: str, overrides: list[str], *, resume: bool, force: bool) 
     try:
         return trainer.run()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        stop_processes()
 
 
