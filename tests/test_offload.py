@@ -359,18 +359,33 @@ def test_a_damaged_shard_is_refused_before_generating(models, cli, tmp_path, edi
 @pytest.mark.slow
 def test_bench_moe_compares_every_run_with_the_resident_tokens(models, cli):
     result = cli("bench", "moe", "--model", models["gpt-sharded"], "--new-tokens", "3",
-                 "--resident-fraction", "0.5", "--json")
+                 "--resident-fraction", "0.5", "--prefill-tokens", "24", "--threads", "1",
+                 "--json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
     names = [run["run"] for run in report["runs"]]
     assert names == ["resident", "on-demand", "offloaded index", "offloaded heavy-first",
-                     "offloaded resident-first", "disk heavy-first, cold cache",
-                     "disk heavy-first, warm cache"]
-    assert all(run["identical"] for run in report["runs"])
-    for run in report["runs"][1:]:
+                     "offloaded resident-first", "offloaded heavy-first, frequency",
+                     "offloaded heavy-first, frequency, prefetch",
+                     "disk heavy-first, cold cache", "disk heavy-first, warm cache"]
+    prefill = report["prefill_runs"]
+    assert [run["run"] for run in prefill] == ["prefill resident", "prefill on-demand",
+                                               "prefill offloaded heavy-first"]
+    assert all(run["identical"] for run in report["runs"] + prefill)
+    for run in report["runs"][1:] + prefill[1:]:
         assert run["peak_resident_expert_bytes"] <= report["memory_budget_bytes"]
         assert len(run["layers"]) == 2
     assert report["resident_experts"] == 8  # half of 2 layers x 8 experts
+    assert report["threads"] == 1
+    bound = report["bound"]  # Belady: no run loads less than the fewest possible
+    assert 0 < bound["min_loads"] <= min(run["loads"] for run in report["runs"][1:7])
+    assert 0 < bound["ceiling_vs_resident"] <= 1
+    assert report["runs"][6]["prefetch"]["used"] > 0
+    assert [r["regime"] for r in report["regimes"]] == ["decoding",
+                                                        "prefill of 24-token prompts"]
+    assert report["regimes"][1]["tokens_per_expert"] > report["regimes"][0]["tokens_per_expert"]
+    assert "at most" in cli("bench", "moe", "--model", models["gpt-sharded"], "--new-tokens",
+                            "2", "--no-disk").out  # the table and the bound, as printed
 
 
 def test_bench_moe_refuses_a_dense_model(cli, tmp_path):

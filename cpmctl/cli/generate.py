@@ -106,6 +106,12 @@ def generate(
     cpu_compute: bool = typer.Option(
         False, "--cpu-compute", help="--offload on cuda: compute a cold expert on the CPU when "
                                      "a measured cost model says that beats copying it."),
+    cache_policy: str = typer.Option(
+        "lru", help="--offload: which cached expert makes room: lru (least recently used, an "
+                    "even share per layer) or frequency (the least routed to so far)."),
+    prefetch: bool = typer.Option(
+        False, "--prefetch", help="--offload: while a layer computes, load the experts the "
+                                  "next layer's router picks for its input."),
     offload_report: Path = typer.Option(
         None, help="--offload: write its metrics (hit rate per layer, bytes moved, stalls, "
                    "peak resident expert bytes) as JSON to this file."),
@@ -168,15 +174,16 @@ def generate(
             model, OffloadSettings(
                 memory_budget=parse_size(memory_budget, "--memory-budget"), slots=slots,
                 order=order, tier=offload_from or "", simulate_bandwidth=simulate_bandwidth,
-                cpu_compute=cpu_compute),
+                cpu_compute=cpu_compute, policy=cache_policy, prefetch=prefetch),
             dtype=dtype or ("bf16" if quantize else "fp32"), quantize=quantize, device=device)
         loaded = offloaded.model
     else:
-        if offload_from or simulate_bandwidth or cpu_compute or offload_report or \
-                slots != 2 or order != "index" or memory_budget != "2GiB":
+        if offload_from or simulate_bandwidth or cpu_compute or offload_report or prefetch \
+                or slots != 2 or order != "index" or memory_budget != "2GiB" \
+                or cache_policy != "lru":
             raise CpmError("--memory-budget, --slots, --order, --offload-from, "
-                           "--simulate-bandwidth, --cpu-compute and --offload-report go with "
-                           "--offload")
+                           "--simulate-bandwidth, --cpu-compute, --cache-policy, --prefetch "
+                           "and --offload-report go with --offload")
         loaded, tokenizer = load_for_inference(
             model, dtype=dtype or ("bf16" if quantize else "fp32"), quantize=quantize,
             device=device)

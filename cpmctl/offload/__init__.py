@@ -2,8 +2,10 @@
 model's files or host memory — and are loaded into a fixed budget of slots as the router asks
 for them, the next expert's load overlapping the current expert's compute.
 
-    store.py      the tiers, the slots and their LRU, the loader thread, measured bytes
-    schedule.py   the per-layer scheduler: expert orders, the k-slot pipeline
+    store.py      the tiers, the slots and their cache policy, the loader thread, prefetches,
+                  measured bytes
+    schedule.py   the per-layer scheduler: expert orders, the k-slot pipeline, the
+                  cross-layer prediction of the next layer's experts
     costs.py      CPU compute instead of a copy to the GPU (Fiddler), by a measured cost
     engine.py     load_offloaded(): the dense part resident, each MoE layer's experts offloaded
 """

@@ -11,6 +11,8 @@ keeps its norm, router and residual; its `run_experts` step is replaced, on the 
 the layer scheduler (schedule.py), and its experts are dropped from it. One expert is loaded
 as a probe, to measure the bytes a prepared expert takes (and its load's temporaries); the
 budget must hold two of them (the pipeline's minimum), and then holds `capacity` of them.
+With `prefetch`, a forward pre-hook keeps each MoE layer's input for the scheduler's
+prediction of the next layer's experts (`_predictor`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from cpmctl.models.weights import open_weights
 from cpmctl.offload.costs import CostModel, measure_cost_model
 from cpmctl.offload.schedule import ORDERS, LayerScheduler
 from cpmctl.offload.store import (
+    POLICIES,
     ExpertStore,
     Key,
     Loaded,
@@ -70,10 +73,19 @@ class OffloadSettings:
     """False: free an expert right after its compute (no LRU across steps)."""
     cpu_compute: bool = False
     """CUDA only: compute a cold expert on the CPU when the cost model says it is faster."""
+    policy: str = "lru"
+    """Which cached expert is evicted: lru (per-layer share) or frequency (store.py)."""
+    prefetch: bool = False
+    """Load the experts the next layer's router picks for this layer's input (schedule.py)."""
 
     def check(self, device: torch.device) -> None:
         if self.order not in ORDERS:
             raise CpmError(f"--order: expected one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.policy not in POLICIES:
+            raise CpmError(f"--cache-policy: expected one of {', '.join(POLICIES)}, got "
+                           f"{self.policy!r}")
+        if self.prefetch and not (self.overlap and self.cache):
+            raise CpmError("prefetching needs the overlapped, cached pipeline")
         if self.tier and self.tier not in TIERS:
             raise CpmError(f"--offload-from: expected disk or host, got {self.tier!r}")
         minimum = 2 if self.overlap else 1
@@ -101,6 +113,7 @@ class OffloadedModel:
     stored_expert_bytes: int  # all experts as stored in the files
     tier: str
     cost_model: CostModel | None = None
+    scheduler: LayerScheduler | None = None
     _closers: list = field(default_factory=list)
 
     def report(self, generated_tokens: int = 0, decode_s: float = 0.0) -> dict:
@@ -108,13 +121,18 @@ class OffloadedModel:
         layers = []
         for index, name in enumerate(self.layer_names):
             layer = stats.layer(index)
-            layers.append({"layer": name, "hits": layer.hits, "misses": layer.misses,
-                           "cpu_computed": layer.cpu_computed,
+            layers.append({"layer": name, "hits": layer.hits, "prefetched": layer.prefetched,
+                           "misses": layer.misses, "cpu_computed": layer.cpu_computed,
                            "hit_rate": round(layer.hit_rate, 4)})
-        hits = sum(x["hits"] for x in layers)
+        hits = sum(x["hits"] + x["prefetched"] for x in layers)
         used = hits + sum(x["misses"] for x in layers)
+        prefetch = None
+        if self.settings.prefetch and self.scheduler is not None:
+            prefetch = {**self.scheduler.accuracy.to_dict(), "loads": stats.prefetch_loads,
+                        "wasted": stats.prefetch_wasted}
         return {
             "tier": self.tier, "order": self.settings.order, "slots": self.settings.slots,
+            "cache_policy": self.settings.policy, "prefetch": prefetch,
             "memory_budget_bytes": self.settings.memory_budget,
             "capacity_experts": self.store.capacity, "expert_bytes": self.expert_bytes,
             "load_transient_bytes": self.transient_bytes,
@@ -233,7 +251,8 @@ def load_offloaded(path: str | Path, settings: OffloadSettings, *, dtype: str = 
         capacity = min(capacity, len(names))
         store = ExpertStore(load, capacity=capacity, overlap=settings.overlap,
                             cache=settings.cache, device=target,
-                            simulate_bandwidth=settings.simulate_bandwidth * 1e9 or None)
+                            simulate_bandwidth=settings.simulate_bandwidth * 1e9 or None,
+                            policy=settings.policy, slots=settings.slots)
         cost_model = cpu_expert = None
         if settings.cpu_compute:
             cpu_dtype = DTYPES[dtype] if dtype in DTYPES else torch.float32
@@ -256,14 +275,53 @@ def load_offloaded(path: str | Path, settings: OffloadSettings, *, dtype: str = 
                 return lambda x: cpu_function(key)(x.to(cpu_dtype))
         scheduler = LayerScheduler(store, {i: m.n_experts for i, (_, m) in enumerate(layers)},
                                    slots=settings.slots, order=settings.order,
-                                   cpu_expert=cpu_expert)
+                                   cpu_expert=cpu_expert,
+                                   predict=_predictor(layers) if settings.prefetch else None)
         for index, (_, moe) in enumerate(layers):
             moe.run_experts = functools.partial(scheduler.run, index)
     except BaseException:
         weights.close()
         raise
     return OffloadedModel(model, store, settings, [name for name, _ in layers], expert_bytes,
-                          transient, stored, tier, cost_model, [weights.close])
+                          transient, stored, tier, cost_model, scheduler, [weights.close])
+
+
+def next_moe_layers(names: list[str]) -> dict[int, int]:
+    """MoE layer -> the MoE layer that runs next on the same hidden states: the next block of
+    the same stack (`decoder.blocks.0.moe` -> `decoder.blocks.1.moe`); an encoder's last
+    layer has none (the decoder runs on other tokens), nor has a stack's last."""
+    where = {name: index for index, name in enumerate(names)}
+    following = {}
+    for index, name in enumerate(names):
+        block, _, tail = name.rpartition(".")
+        stack, _, number = block.rpartition(".")
+        if number.isdigit():
+            nxt = where.get(f"{stack}.{int(number) + 1}.{tail}")
+            if nxt is not None:
+                following[index] = nxt
+    return following
+
+
+def _predictor(layers: list[tuple[str, MoeFFN]]):
+    """The scheduler's `predict`: each MoE layer's input is kept (a forward pre-hook) and the
+    next layer's norm and router are applied to it: [d] per token -> the experts' counts."""
+    following = next_moe_layers([name for name, _ in layers])
+    inputs: dict[int, torch.Tensor] = {}
+    for index, (_, moe) in enumerate(layers):
+        if index in following:
+            moe.register_forward_pre_hook(
+                lambda module, args, index=index: inputs.__setitem__(index, args[0]))
+
+    def predict(layer: int) -> tuple[int, list[int]] | None:
+        x = inputs.pop(layer, None)
+        if x is None:
+            return None
+        nxt = layers[following[layer]][1]
+        scores = nxt.affinity(nxt.norm(x.reshape(-1, x.shape[-1])))
+        chosen = scores.topk(nxt.top_k, dim=-1).indices.reshape(-1)
+        return following[layer], torch.bincount(chosen, minlength=nxt.n_experts).tolist()
+
+    return predict
 
 
 def _pin(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -290,6 +348,9 @@ def summary_line(report: dict) -> str:
             + (f"{rate:.2f} tokens/s, " if rate else "")
             + f"hit rate {100 * report['hit_rate']:.1f}%, {report['loads']} loads, "
             + (f"{human_bytes(per_token)} moved per token, " if per_token else "")
+            + (f"prefetch recall {100 * report['prefetch']['recall']:.1f}% (precision "
+               f"{100 * report['prefetch']['precision']:.1f}%), " if report.get("prefetch")
+               else "")
             + f"stalled {report['stall_s']:.2f} s, peak resident experts "
             f"{human_bytes(report['peak_resident_expert_bytes'])} of "
             f"{human_bytes(report['memory_budget_bytes'])}")

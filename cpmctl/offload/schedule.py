@@ -13,6 +13,13 @@ and the next k - 1 loading on the loader thread — so each load overlaps the co
 it. Where a GPU is present and a cost model says so, a cold expert with few tokens is computed
 on the CPU from its host copy instead of being copied (Fiddler).
 
+Cross-layer prefetch (`predict`): once the layer has asked for all of its own loads, the next
+MoE layer's router is applied to this layer's input (the residual stream changes little from
+one block to the next), and the experts it picks are prefetched, heaviest first, so that
+their loads overlap the rest of this layer and the next block's attention. A prediction only
+decides what is loaded early; the next layer routes for itself, so outputs are unchanged.
+How often the prediction was right is counted (`PrefetchAccuracy`).
+
 Exactness: each expert computes on the same rows, in the same order, as `MoeFFN.run_experts`
 gives it, and the outputs are added in ascending expert index whatever the compute order, so
 the layer's output is bit-identical to the fully resident model's.
@@ -21,6 +28,7 @@ the layer's output is bit-identical to the fully resident model's.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -40,28 +48,70 @@ def expert_order(order: str, counts: list[int], resident: Callable[[int], bool])
     return active
 
 
+@dataclass
+class PrefetchAccuracy:
+    """Predicted experts against the experts the layer then used, summed over layer calls."""
+
+    predicted: int = 0
+    used: int = 0
+    correct: int = 0  # predicted and used
+
+    def add(self, predicted: set[int], used: set[int]) -> None:
+        self.predicted += len(predicted)
+        self.used += len(used)
+        self.correct += len(predicted & used)
+
+    def to_dict(self) -> dict:
+        return {"predicted": self.predicted, "used": self.used, "correct": self.correct,
+                "recall": self.correct / self.used if self.used else 0.0,
+                "precision": self.correct / self.predicted if self.predicted else 0.0}
+
+
+#: layer -> (the next MoE layer, the tokens its router would send to each of its experts)
+Predict = Callable[[int], tuple[int, list[int]] | None]
+
+
 class LayerScheduler:
     """`run(layer, h, routing)`: the drop-in for `MoeFFN.run_experts` of MoE layer `layer`."""
 
     def __init__(self, store: ExpertStore, n_experts: dict[int, int], *, slots: int,
                  order: str,
-                 cpu_expert: Callable[[tuple[int, int], int], Callable | None] | None = None):
+                 cpu_expert: Callable[[tuple[int, int], int], Callable | None] | None = None,
+                 predict: Predict | None = None):
         self.store = store
         self.n_experts = n_experts  # per MoE layer
         self.slots = slots
         self.order = order
         # (key, tokens) -> a CPU function computing that cold expert, or None to copy it
         self.cpu_expert = cpu_expert
+        self.predict = predict
+        self.accuracy = PrefetchAccuracy()
+        self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for its call
+        self.trace: list[tuple[int, list[int]]] | None = None  # a list: (layer, counts) kept
+
+    def _prefetch_next(self, layer: int) -> None:
+        guess = self.predict(layer) if self.predict is not None else None
+        if guess is None:
+            return
+        following, counts = guess
+        self._predicted[following] = {e for e, n in enumerate(counts) if n}
+        heaviest = expert_order("heavy-first", counts, lambda e: False)
+        self.store.prefetch([(following, e) for e in heaviest])
 
     def run(self, layer: int, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         n_experts = self.n_experts[layer]
         # NOTE: the split is MoeFFN.run_experts' own, so every expert sees the same rows
         order = torch.argsort(routing.experts, stable=True)
         counts = torch.bincount(routing.experts, minlength=n_experts).tolist()
+        if self.trace is not None:
+            self.trace.append((layer, counts))
         tokens = routing.tokens[order].split(counts)
         gates = routing.gates[order].split(counts)
         sequence = expert_order(self.order, counts,
                                 lambda e: self.store.is_resident((layer, e)))
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            self.accuracy.add(predicted, set(sequence))
         on_cpu = {}
         if self.cpu_expert is not None:
             for e in sequence:
@@ -70,10 +120,11 @@ class LayerScheduler:
                     if fn is not None:
                         on_cpu[e] = fn
         copied = [e for e in sequence if e not in on_cpu]
-        self.store.begin_layer(layer, copied)
+        self.store.begin_layer(layer, copied, counts)
         outputs: dict[int, torch.Tensor] = {}
         requested: dict[int, object] = {}
         ahead = 0
+        prefetched = False
         for e in sequence:
             if e in on_cpu:
                 self.store.stats.layer(layer).cpu_computed += 1
@@ -84,11 +135,16 @@ class LayerScheduler:
             while ahead < len(copied) and ahead < position + self.slots:
                 requested[copied[ahead]] = self.store.request((layer, copied[ahead]))
                 ahead += 1
+            if ahead == len(copied) and not prefetched:  # behind this layer's own loads
+                self._prefetch_next(layer)
+                prefetched = True
             entry = requested.pop(e)
             module = self.store.wait(entry)
             outputs[e] = module(h[tokens[e]]) * gates[e][:, None]
             del module  # NOTE: the store may evict it now; no reference may outlive that
             self.store.release(entry)
+        if not prefetched:
+            self._prefetch_next(layer)
         out = torch.zeros_like(h)
         for e in sorted(outputs):
             out = out.index_add(0, tokens[e], outputs[e].to(out.dtype))

@@ -7,7 +7,9 @@ Tiers, coldest first:
   a copy to the GPU is a DMA that overlaps compute);
 - slots: experts prepared for compute (the model's dtype, int8, oneDNN-packed, on the
   device), at most `capacity` of them, within the memory budget; on a CPU-only machine the
-  slots are the resident-RAM budget. An LRU keeps them across layers and decoding steps.
+  slots are the resident-RAM budget. They are kept across layers and decoding steps, and
+  evicted by a policy: `lru` (least recently used, an even share per layer) or `frequency`
+  (the lowest share of its layer's tokens so far: the experts the router prefers stay).
 
 A load is: fetch the stored tensors from the expert's tier, then prepare them into a slot
 (`Preparer`) — on CUDA, on a copy stream whose event the compute stream waits for. Loads run
@@ -19,6 +21,11 @@ simulation of a slower bus (PCIe) on a machine where a load is a memory copy, ne
 Resident bytes are measured on the live tensors of the prepared experts (their storages; a
 oneDNN-packed weight, which has none, at its logical size), plus the temporaries of the load
 in flight, and their peak is reported.
+
+A prefetch (`prefetch`) starts the load of an expert that a prediction says the next layer will
+use, without pinning it: it never takes the room the running pipeline needs (at most
+`capacity - slots` prefetches are in flight), never evicts what the running layer or the
+prediction wants, and an expert still loading is never evicted.
 """
 
 from __future__ import annotations
@@ -67,16 +74,21 @@ def storage_ids(tensors) -> set[int]:
     return ids
 
 
+POLICIES = ("lru", "frequency")
+
+
 @dataclass
 class LayerStats:
-    hits: int = 0
-    misses: int = 0
+    hits: int = 0  # resident (or loading) from an earlier use
+    prefetched: int = 0  # resident (or loading) because a prefetch predicted it
+    misses: int = 0  # loaded on demand
     cpu_computed: int = 0
 
     @property
     def hit_rate(self) -> float:
-        used = self.hits + self.misses
-        return self.hits / used if used else 0.0
+        """Uses that did not wait for a load of their own: hits and prefetched ones."""
+        used = self.hits + self.prefetched + self.misses
+        return (self.hits + self.prefetched) / used if used else 0.0
 
 
 @dataclass
@@ -87,6 +99,8 @@ class StoreStats:
     load_s: float = 0.0  # time spent loading (on the loader thread, or inline)
     stall_s: float = 0.0  # time the compute waited for a load
     peak_resident_bytes: int = 0
+    prefetch_loads: int = 0  # loads a prefetch started
+    prefetch_wasted: int = 0  # of those, evicted (or left at the end) without being used
 
     def layer(self, index: int) -> LayerStats:
         return self.layers.setdefault(index, LayerStats())
@@ -100,6 +114,11 @@ class Entry:
     nbytes: int = 0
     pins: int = 0
     event: object = None  # a CUDA event the compute stream waits for
+    unused_prefetch: bool = False  # loaded by a prefetch, not used yet
+
+    @property
+    def evictable(self) -> bool:
+        return self.pins == 0 and self.module is not None
 
 
 @dataclass(frozen=True)
@@ -112,13 +131,18 @@ class Loaded:
 
 class ExpertStore:
     """Experts by (layer, expert): `request` a load, `wait` for the prepared module, `release`
-    it after its compute (it stays cached until evicted, least recently used first)."""
+    it after its compute (it stays cached until the policy evicts it); `prefetch` predicted
+    ones."""
 
     def __init__(self, load: Callable[[Key], Loaded], *, capacity: int, overlap: bool = True,
                  cache: bool = True, device: torch.device | None = None,
-                 simulate_bandwidth: float | None = None):
+                 simulate_bandwidth: float | None = None, policy: str = "lru",
+                 slots: int = 2):
         self._load = load
         self.capacity = capacity
+        self.policy = policy
+        self.slots = slots  # the most a layer's pipeline pins at once
+        self._frequency: dict[Key, float] = {}  # see begin_layer
         self.overlap = overlap
         self.cache = cache
         self.device = device or torch.device("cpu")
@@ -126,6 +150,7 @@ class ExpertStore:
         self.stats = StoreStats()
         self._entries: OrderedDict[Key, Entry] = OrderedDict()
         self._wanted: set[Key] = set()
+        self._predicted: set[Key] = set()
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="cpmctl-expert-loader") \
             if overlap else None
@@ -144,12 +169,16 @@ class ExpertStore:
             stats = self.stats.layer(key[0])
             entry = self._entries.get(key)
             if entry is not None:
-                stats.hits += 1
+                if entry.unused_prefetch:
+                    stats.prefetched += 1
+                    entry.unused_prefetch = False
+                else:
+                    stats.hits += 1
                 self._entries.move_to_end(key)
                 entry.pins += 1
                 return entry
             stats.misses += 1
-            self._make_room()
+            self._make_room(self._wanted)
             entry = self._entries[key] = Entry(key, pins=1)
         if self._loader is not None:
             entry.future = self._loader.submit(self._timed_load, entry)
@@ -184,30 +213,94 @@ class ExpertStore:
             if not self.cache and entry.pins == 0:
                 self._entries.pop(entry.key, None)
 
-    def begin_layer(self, layer: int, experts) -> None:
-        """The experts the layer about to run will use: evicted last while it runs."""
+    def begin_layer(self, layer: int, experts, tokens: list[int] | None = None) -> None:
+        """The experts the layer about to run will use (evicted last while it runs), and the
+        tokens routed to each of the layer's experts: `frequency` keeps the experts with the
+        largest sum, over their layer's calls, of their share of the call's tokens (each call
+        counts once, so a long prompt's routing is a first estimate and an encoder layer that
+        ran only on the prompt does not outweigh the decoder layers that run every step)."""
         with self._lock:
             self._wanted = {(layer, e) for e in experts}
+            self._predicted = set()
+            total = sum(tokens or ())
+            for e, n in enumerate(tokens or ()):
+                if n:
+                    self._frequency[(layer, e)] = self._frequency.get((layer, e), 0.0) + n / total
 
-    def _make_room(self) -> None:
-        """Evict unpinned experts until one more fits (lock held). The victim: one the running
-        layer does not want if there is one, from the layer holding the most slots, least
-        recently used there.
+    def prefetch(self, keys) -> int:
+        """Start loading the predicted `keys` (most wanted first) that are not resident, as
+        far as there is room that neither the running pipeline nor a wanted expert needs;
+        the number of loads started. Never waits and never fails: a prediction is a hint."""
+        if self._loader is None:
+            return 0
+        started = []
+        with self._lock:
+            keys = list(keys)
+            self._predicted = set(keys)
+            for key in keys:
+                if key in self._entries:
+                    continue
+                loading = sum(1 for e in self._entries.values() if e.pins == 0
+                              and e.module is None)
+                if loading + 1 > self.capacity - self.slots:
+                    break
+                if not self._make_room(self._wanted | self._predicted, strict=True,
+                                       outranked_by=key):
+                    break
+                entry = self._entries[key] = Entry(key, unused_prefetch=True)
+                started.append(entry)
+            self.stats.prefetch_loads += len(started)
+        for entry in started:
+            entry.future = self._loader.submit(self._prefetch_load, entry)
+        return len(started)
+
+    def _prefetch_load(self, entry: Entry) -> None:
+        try:
+            self._timed_load(entry)
+        except BaseException:
+            # NOTE: a failed prefetch holds no room; if the expert is used, its own load
+            # fails again and names it (or, if it was already asked for, wait() raises this)
+            with self._lock:
+                if entry.pins == 0 and self._entries.get(entry.key) is entry:
+                    del self._entries[entry.key]
+            raise
+
+    def _make_room(self, protected: set[Key], *, strict: bool = False,
+                   outranked_by: Key | None = None) -> bool:
+        """Evict loaded, unpinned experts until one more fits (lock held); False if `strict`
+        and only `protected` ones could go. The victim is one not protected if there is one,
+        chosen by the policy (`_victim`). With `outranked_by` (a prefetch), only an expert
+        that the policy ranks below that one may go: under `frequency`, one routed to less
+        often (a prediction must not push out an expert more likely to be used).
 
         NOTE: layers run in a cycle, so a plain global LRU evicts exactly the experts the next
         step needs (measured: hit rate 0 at 25% resident, 8 layers x 16 experts); keeping each
         layer's share even makes it a per-layer LRU, as mixtral-offloading keeps."""
         while len(self._entries) >= self.capacity:
-            free = [k for k, e in self._entries.items() if e.pins == 0]
+            free = [k for k, e in self._entries.items() if e.evictable]
+            unprotected = [k for k in free if k not in protected]
+            if outranked_by is not None and self.policy == "frequency":
+                rank = self._frequency.get(outranked_by, 0.0)
+                unprotected = [k for k in unprotected if self._frequency.get(k, 0.0) < rank]
+            if strict and not unprotected:
+                return False
             if not free:  # cannot happen while slots <= capacity (engine.py checks)
-                raise RuntimeError("expert store: every slot is pinned")
-            unwanted = [k for k in free if k not in self._wanted] or free
-            held: dict[int, int] = {}
-            for layer, _ in self._entries:
-                held[layer] = held.get(layer, 0) + 1
-            most = max(held[layer] for layer, _ in unwanted)
-            victim = next(k for k in unwanted if held[k[0]] == most)  # LRU first
-            del self._entries[victim]
+                raise RuntimeError("expert store: every slot is pinned or loading")
+            victim = self._victim(unprotected or free)
+            if self._entries.pop(victim).unused_prefetch:
+                self.stats.prefetch_wasted += 1
+        return True
+
+    def _victim(self, candidates: list[Key]) -> Key:
+        """`lru`: from the layer holding the most slots, its least recently used;
+        `frequency`: the lowest routing frequency so far, least recently used among equals."""
+        if self.policy == "frequency":
+            return min(candidates, key=lambda k: self._frequency.get(k, 0.0))  # LRU on ties
+        held: dict[int, int] = {}
+        for layer, _ in self._entries:
+            held[layer] = held.get(layer, 0) + 1
+        most = max(held[layer] for layer, _ in candidates)
+        return next(k for k in candidates if held[k[0]] == most)  # LRU first
 
     def _timed_load(self, entry: Entry) -> None:
         started = time.perf_counter()
@@ -243,4 +336,5 @@ class ExpertStore:
         if self._loader is not None:
             self._loader.shutdown(wait=True)
         with self._lock:
+            self.stats.prefetch_wasted += sum(e.unused_prefetch for e in self._entries.values())
             self._entries.clear()
