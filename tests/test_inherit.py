@@ -277,7 +277,8 @@ def test_bench_ki_runs_the_whole_experiment(dataset, tmp_path, cli):  # noqa: F8
     work = tmp_path / "ki"
     result = cli("bench", "ki", "--dataset", dataset, "--steps", "10", "--workdir", work)
     assert result.code == 0, result.err
-    assert "steps to target" in result.out and "grown+ki: grown, KI loss" in result.out
+    assert "steps: to the target" in result.out and "grown+ki: grown, KI loss" in result.out
+    assert "+teacher: adding the teacher's 10 training steps" in result.out
     assert sorted(p.name for p in work.iterdir()) == [
         "grown", "grown+ki", "grown-model", "ki", "ki-curves.png", "scratch", "teacher"]
     assert (work / "ki-curves.png").read_bytes().startswith(b"\x89PNG")

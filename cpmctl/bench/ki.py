@@ -11,8 +11,17 @@ twice its width and depth (4 × 128, 8 heads), trained for the same number of st
 For each: the steps it needs to reach the scratch run's final validation loss, linearly
 interpolated between evaluations (the model's loss before its first step counts as the
 evaluation at step 0), their ratio to the scratch run's own, the wall time, and the seconds
-spent in the teacher's forward passes. Every run is an ordinary run folder under the work
-directory (the grown model in grown-model/), so `cpmctl plot` draws them again.
+spent in the teacher's forward passes.
+
+Two accountings of the cost. The literature's (bert2BERT, KI) treats the teacher as given:
+the ratio counts the student's steps only. The other counts what the teacher cost too, in
+student-step equivalents of training FLOPs (models.training_flops_per_token): its training
+(its steps, on batches the size of the students') for every run that uses it, and its forward
+passes during the distilled steps (a forward is a third of a trained token's FLOPs). Both are
+reported; which one matters depends on whether the smaller model existed anyway.
+
+Every run is an ordinary run folder under the work directory (the grown model in
+grown-model/), so `cpmctl plot` draws them again.
 
 NOTE: the student's width is grown with a random split of the copies (`--split-noise`):
 tiny-gpt has no dropout, and exact block-diagonal copies would otherwise train in lockstep.
@@ -29,6 +38,8 @@ from ..artifacts import open_artifact
 from ..console import info
 from ..errors import CpmError
 from ..grow import GrowOptions, grow
+from ..models import training_flops_per_token
+from ..models.artifact import read_model_json
 from ..plot import Curve, write_png
 from ..recipe import load_recipe
 
@@ -62,6 +73,17 @@ def steps_to_reach(points: list[tuple[int, float]], target: float) -> float | No
     if points and points[0][1] <= target:
         return float(points[0][0])
     return None
+
+
+def steps_with_teacher(steps: float, run: str, teacher_steps: int, teacher_per_token: float,
+                       decay_steps: int) -> float:
+    """`steps` of run `run` plus what its teacher cost, in student steps of equal FLOPs: the
+    teacher's training for every run but scratch, and for the KI runs a teacher forward (a
+    third of a trained token) for each distilled step (α > 0 before `decay_steps`)."""
+    if run == "scratch":
+        return steps
+    distilled = min(steps, decay_steps) if run.endswith("ki") else 0.0
+    return steps + teacher_per_token * (teacher_steps + distilled / 3)
 
 
 def _train(settings: KiSettings, name: str, overrides: list[str]) -> dict:
@@ -113,19 +135,30 @@ def bench_ki(settings: KiSettings) -> dict:
     runs = {name: _train(settings, name, STUDENT + overrides[name]) for name, _ in RUNS}
     target = runs["scratch"]["points"][-1][1]
     scratch_steps = steps_to_reach(runs["scratch"]["points"], target)
+    seq_len = load_recipe("tiny-gpt").data.seq_len
+    per_token = training_flops_per_token(read_model_json(teacher)[0], seq_len) / \
+        training_flops_per_token(student, seq_len)
+    teacher_steps = int(open_artifact(teacher, expect="model").meta.get("steps", 0))
+    decay = max(int(settings.steps * settings.decay_ratio), 1)
     rows = []
     for name, description in RUNS:
         run = runs[name]
         reached = steps_to_reach(run["points"], target)
+        with_teacher = None if reached is None else steps_with_teacher(
+            reached, name, teacher_steps, per_token, decay)
         rows.append({"run": name, "description": description,
                      "steps_to_scratch_final": reached,
                      "ratio_to_scratch": None if reached is None else reached / scratch_steps,
+                     "steps_with_teacher": with_teacher,
+                     "ratio_with_teacher": None if with_teacher is None
+                     else with_teacher / scratch_steps,
                      "final_valid_loss": run["points"][-1][1], "seconds": run["seconds"],
                      "teacher_seconds": run["teacher_seconds"], "path": run["run"]})
     best = min((r for r in rows[1:] if r["ratio_to_scratch"] is not None),
                key=lambda r: r["ratio_to_scratch"], default=None)
     return {"dataset": settings.dataset, "steps": settings.steps, "teacher": teacher,
             "teacher_trained_s": teacher_run["seconds"] if teacher_run else None,
+            "teacher_steps": teacher_steps, "teacher_flops_per_student_token": per_token,
             "grow_max_abs_logit_delta": lineage["max_abs_logit_delta"],
             "scratch_final_valid_loss": target, "rows": rows,
             "best": None if best is None else best["run"],

@@ -99,6 +99,9 @@ def speed(
     threads: int = typer.Option(None, help="Generation: torch threads (default: all cores)."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
                                   help="Generation: also time transformers' GPT-2 generate."),
+    module_step: bool = typer.Option(False, "--module-step",
+                                     help="Generation: also time each run stepping through "
+                                     "the module forward instead of the planned step."),
     repeat: int = typer.Option(1, help="Runs per setting; the fastest counts."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -119,7 +122,8 @@ def speed(
         if model and recipe:
             raise CpmError("--model and --recipe: give one")
         _speed_generation(str(model) if model else None, recipe, precisions, batches,
-                          prompt_tokens, new_tokens, repeat, device, threads, baseline, as_json)
+                          prompt_tokens, new_tokens, repeat, device, threads, baseline, as_json,
+                          module_step)
         return
     if not (tokenizer and corpus):
         raise CpmError("bench speed needs --tokenizer and --corpus, or --model / --recipe")
@@ -141,7 +145,7 @@ def speed(
 
 
 def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tokens, repeat,
-                      device, threads, baseline, as_json) -> None:
+                      device, threads, baseline, as_json, module_step) -> None:
     # NOTE: imported here: torch takes seconds to import and `import cpmctl.cli` stays free of it.
     from cpmctl.bench.generation import bench_generation
     from cpmctl.console import info
@@ -156,11 +160,13 @@ def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tok
     report = bench_generation(model=model, recipe=recipe, precisions=chosen, batches=sizes,
                               prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                               repeat=repeat, device=device, threads=threads,
-                              baseline=baseline, progress=lambda what: info(f"timing {what}"))
+                              baseline=baseline, module_step=module_step,
+                              progress=lambda what: info(f"timing {what}"))
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    rows = [("hf" if r["impl"] == "transformers" else r["impl"], r["precision"], r["batch"],
+    short = {"transformers": "hf", "cpmctl-modules": "modules"}
+    rows = [(short.get(r["impl"], r["impl"]), r["precision"], r["batch"],
              f"{r['prefill_tok_s']:,.0f}",
              f"{r['decode_tok_s']:,.1f}", f"{r['weights_mb']:,.0f}", f"{r['peak_mb']:,.0f}",
              f"{r['effective_gb_s']:.2f}") for r in report["runs"]]
@@ -170,6 +176,7 @@ def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tok
         ("impl", "dtype", "batch", "prefill/s", "decode/s", "weights MB", "peak MB", "GB/s"),
         rows)
     console.print("hf: transformers' GPT2LMHeadModel.generate on the same weights; "
+                  "modules: ours stepping through the module forward; "
                   "prefill/s, decode/s: tokens per second; GB/s: weight bytes x decoding steps "
                   f"per second, against a memory read bandwidth of "
                   f"{report['memory_bandwidth_gb_s']:.2f} GB/s measured in this run")
@@ -186,6 +193,9 @@ def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tok
             parts.append(f"{run['vs_transformers']:.2f}x transformers' {theirs}")
         if run.get("of_bandwidth") is not None:
             parts.append(f"{run['of_bandwidth']:.0%} of the measured bandwidth limit")
+        if "vs_module_step" in run:
+            parts.append(f"{run['vs_module_step']:.2f}x the module forward's steps (prefill "
+                         f"{run['prefill_vs_module_step']:.2f}x)")
         console.print(f"{run['precision']} batch {run['batch']}: decodes at " + ", ".join(parts))
 
 
@@ -238,7 +248,9 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Training tokens/s of our GPT against transformers' GPT2LMHeadModel of the same shape,
-    batch and optimizer, in fp32 and bf16, with achieved FLOP/s.
+    batch and optimizer, in fp32 and bf16, with achieved FLOP/s; the two models' steps
+    alternate and each side's rate is its median step. Ours runs as `cpmctl train` would run
+    the recipe (its blocks compiled with `--set engine.compile=true`).
 
     Example: cpmctl bench train --recipe tiny-gpt --steps 30
     """
@@ -249,7 +261,8 @@ def train(
     loaded = load_recipe(recipe, overrides)
     if steps < 1:
         raise CpmError("--steps must be at least 1")
-    report = bench_training(loaded.model, loaded.train.micro_batch, loaded.data.seq_len, steps)
+    report = bench_training(loaded.model, loaded.train.micro_batch, loaded.data.seq_len, steps,
+                            compile=loaded.engine.compile)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -258,7 +271,8 @@ def train(
             for r in report["runs"]]
     console = _print_table(
         f"training {shape['layers']} layers x {shape['d_model']}, batch {report['batch']} x "
-        f"{report['seq_len']}, {report['threads']} threads",
+        f"{report['seq_len']}, {report['threads']} threads"
+        + (", cpmctl's blocks compiled" if report["compiled"] else ""),
         ("model", "precision", "tokens/s", "GFLOP/s"), rows)
     for precision, ratio in report["speedup"].items():
         console.print(f"{precision}: cpmctl is {ratio:.2f}x transformers")
@@ -307,14 +321,21 @@ def ki(
         return "never" if value is None else format(value, fmt)
 
     rows = [(r["run"], show(r["steps_to_scratch_final"], ".1f"),
-             show(r["ratio_to_scratch"], ".2f"), f"{r['final_valid_loss']:.4f}",
+             show(r["ratio_to_scratch"], ".2f"), show(r["steps_with_teacher"], ".1f"),
+             show(r["ratio_with_teacher"], ".2f"), f"{r['final_valid_loss']:.4f}",
              f"{r['seconds']:.0f}", f"{r['teacher_seconds']:.1f}") for r in report["rows"]]
     console = _print_table(
         f"tiny-gpt x2 width and depth, {report['steps']} steps each; target: the scratch run's "
         f"final validation loss {report['scratch_final_valid_loss']:.4f}",
-        ("run", "steps to target", "ratio", "final valid", "wall s", "teacher s"), rows)
+        ("run", "steps", "ratio", "+teacher", "ratio", "final", "wall s", "fwd s"), rows)
     for r in report["rows"]:
         console.print(f"{r['run']}: {r['description']}")
+    console.print("steps: to the target, interpolated between evaluations; ratio: to the "
+                  "scratch run's; final: validation loss; fwd s: in the teacher's forward passes")
+    console.print(f"+teacher: adding the teacher's {report['teacher_steps']} training steps and "
+                  "its forward passes while distilling, in student steps of equal FLOPs (a "
+                  f"teacher token costs {report['teacher_flops_per_student_token']:.2f} of a "
+                  "student's)")
     if report["best"] is not None:
         console.print(f"best: {report['best']}, {report['best_ratio']:.2f}x the scratch run's "
                       "steps")

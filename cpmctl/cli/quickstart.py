@@ -13,7 +13,14 @@ from rich.text import Text
 
 from cpmctl.console import info
 from cpmctl.inspect import sample_documents
-from cpmctl.quickstart import run_quickstart
+from cpmctl.quickstart import (
+    PROMPT_LENGTH,
+    PROMPT_STEPS,
+    PROMPT_TASK,
+    SAMPLE_PROMPTS,
+    SAMPLING_OPTIONS,
+    run_quickstart,
+)
 
 
 def quickstart(
@@ -63,7 +70,7 @@ def quickstart(
                   + " -> ".join(f"{loss:.2f} (step {step})" for step, loss in valid))
     final = made["run"]["final"]
     console.print(f"model: {final}; it writes (cpmctl generate -m {final} --max-new-tokens 40 "
-                  "--top-k 40 --temperature 0.8 --repetition-penalty 1.2 TEXT):")
+                  f"{SAMPLING_OPTIONS} TEXT):")
     for completion in made["generated"]:
         console.print(Text("  " + completion.prompt.text)
                       + Text(completion.text.replace("\n", " / "), style="bold")
@@ -73,4 +80,30 @@ def quickstart(
                   f"-t sentiment --limit {acc['n']}): acc {acc['value']:.3f}, 95% interval "
                   f"[{acc['low']:.3f}, {acc['high']:.3f}], chance "
                   f"{made['zero_shot']['chance']:.2f}")
+    prompt = made["prompt"]
+    before, tuned = prompt["before"]["acc"], prompt["metrics"]["acc"]
+    console.print(f"prompt tuning ({PROMPT_LENGTH} soft tokens, "
+                  f"{prompt['summary']['trainable_parameters']:,} trainable parameters, "
+                  f"{prompt['summary']['steps']} steps; cpmctl tune-prompt -m {final} -t "
+                  f"{PROMPT_TASK} --length {PROMPT_LENGTH} --steps {PROMPT_STEPS} -o "
+                  f"{prompt['path']} ...): on the same reviews, the label word after each "
+                  f"(bench run -t {PROMPT_TASK}), acc {before['value']:.3f} "
+                  f"[{before['low']:.3f}, {before['high']:.3f}] without the prompt, "
+                  f"{tuned['value']:.3f} [{tuned['low']:.3f}, {tuned['high']:.3f}] with it "
+                  f"(--prompt {prompt['path']})")
+    grown = made["grown"]
+    operators = ", ".join(r["operator"] for r in grown["lineage"]["operators"])
+    console.print(f"grown: {grown['path']} (cpmctl grow --from {final} --recipe tiny-gpt --set "
+                  "model.n_layers=4 --set model.moe.experts=4 --router-init orthogonal): "
+                  f"{operators}; max |Δlogit| against the source "
+                  f"{grown['lineage']['max_abs_logit_delta']:.1e}")
+    from cpmctl.offload import summary_line
+
+    offloaded = made["offloaded"]
+    same = "the same" if offloaded["texts"] == offloaded["resident"] else "NOT the same"
+    console.print(f"offloaded (cpmctl generate -m {grown['path']} --offload --memory-budget "
+                  f"{offloaded['report']['memory_budget_bytes'] // 1024}KiB --max-new-tokens 20 "
+                  f"{SAMPLING_OPTIONS}): text {same} as fully resident; "
+                  f"{summary_line(offloaded['report'])}")
+    console.print(Text("  " + SAMPLE_PROMPTS[0]) + Text(offloaded["texts"][0], style="bold"))
     console.print(f"next: echo 今天 | cpmctl generate -m {final}")
