@@ -178,12 +178,12 @@ class TwoSlotPrompt:
         ids = [self.pad_id, self.pad_id] + [t for part in parts_ids for t in part]
         return ids, [0, 1]
 
-    def embed(self, model, input_ids, slot_positions):
+    def embed(self, model, input_ids, slots):  # slots: flat indices, one example a row
         table = model.wte if model.cfg.arch == "gpt" else model.shared
-        embeds = table(input_ids).clone()
-        rows = torch.arange(input_ids.shape[0])[:, None].expand_as(slot_positions)
-        embeds[rows, slot_positions] = self.table[None].expand(len(input_ids), -1, -1)
-        return embeds
+        embeds = table(input_ids).reshape(-1, model.cfg.d_model).clone()
+        for example in slots:
+            embeds[example] = self.table
+        return embeds.view(*input_ids.shape, -1)
 
 
 @pytest.mark.parametrize("arch", ["gpt", "encdec"])
@@ -466,3 +466,35 @@ def test_a_long_review_keeps_its_label_under_the_cpm1_rule(tiny, tmp_path):
     expected = [sum(gpt_token_logprobs(model, r.context + r.continuation, len(r.continuation)))
                 for r in fitted]
     assert s.logprob == pytest.approx(expected, rel=1e-6)  # sums of 120-odd fp32 terms
+
+
+def test_zeroshot_speed_times_four_ways_that_score_alike(tiny, cli, tmp_path):
+    """`bench zeroshot-speed` (lm-eval's way left out here: test_bench_lm_eval covers its
+    scores): the shared-context, one-forward-per-candidate and batched-unshared ways give
+    the same accuracies, and every ratio is reported."""
+    records = [dict(IDIOMS[i % 2], before=IDIOMS[i % 2]["before"] + "真的" * i)
+               for i in range(12)]
+    data = write_lines(tmp_path / "i.jsonl", records)
+    task = write_task(tmp_path / "i.toml", IDIOM_TASK)
+    result = cli("bench", "zeroshot-speed", "-m", tiny["gpt"], "-t", task, "-d", data,
+                 "--limit", "12", "--batch-size", "9", "--no-hf", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    ways = [r["way"] for r in report["runs"]]
+    assert ways == ["cpmctl batched, shared context", "cpmctl one forward per candidate",
+                    "cpmctl batched, no shared context"]
+    assert len({(r["acc"], r["acc_norm"]) for r in report["runs"]}) == 1
+    assert all(r["examples_per_s"] > 0 for r in report["runs"])
+    assert set(report["ratios"]) == {
+        f"batched + shared context vs {name} ({clock})"
+        for name in ("one forward per candidate", "batched, no shared context")
+        for clock in ("seconds", "cpu seconds")}
+    # the three ways' scores themselves, example by example
+    loaded = load_task(task)
+    examples = loaded.read_examples(data)
+    model, tok = tiny["gpt_model"], tiny["gpt_tok"]
+    packed = score(model, tok, loaded, examples, batch_size=9)
+    for kwargs in (dict(batch_size=1), dict(batch_size=9)):
+        other = score(model, tok, loaded, examples, share_context=False, **kwargs)
+        for a, b in zip(packed, other, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and a.tokens == b.tokens

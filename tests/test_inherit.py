@@ -210,7 +210,8 @@ def test_grown_init_and_a_teacher_in_one_run(dataset, tmp_path, cli):  # noqa: F
     assert run.code == 0, run.err
     records = metrics(tmp_path / "run-big")
     assert [r["alpha"] for r in records] == pytest.approx([0.9, 0.675, 0.45, 0.225, 0, 0])
-    assert all(r["kd_loss"] >= 0 for r in records[:4]) and "kd_loss" not in records[4]
+    # step 1's student IS the grown teacher: its KL is 0 up to fp32 rounding (seen: -3e-9)
+    assert all(r["kd_loss"] >= -1e-6 for r in records[:4]) and "kd_loss" not in records[4]
     for r in records[:4]:  # the loss is the weighted sum of the two terms logged
         kd = r["alpha"] * 4.0 * r["kd_loss"]
         assert r["loss"] == pytest.approx((1 - r["alpha"]) * r["lm_loss"] + kd, rel=1e-5)

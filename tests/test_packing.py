@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cpmctl.bench.packing import packed_attention_mask, packed_batch, packed_length
-from cpmctl.bench.scoring import Row, candidate_losses, flat_batch, shared_batch
+from cpmctl.bench.scoring import Row, candidate_losses, flat_batch
 from cpmctl.errors import CpmError
 from cpmctl.models import ModelConfig, build_model
 
@@ -28,7 +28,8 @@ def test_the_packed_row_by_hand():
     # each tail but its last token follows the context; the second example is its context
     assert batch.input_ids.tolist() == [[11, 12, 13, 20, 22, 23], [15, 0, 0, 0, 0, 0]]
     assert batch.positions.tolist() == [[0, 1, 2, 3, 3, 4], [0, 0, 0, 0, 0, 0]]
-    assert batch.segments.tolist() == [[0, 0, 0, 1, 2, 2], [0, -1, -1, -1, -1, -1]]
+    assert batch.owners.tolist() == [[0, 0, 0, 0, 0, 0], [1, -1, -1, -1, -1, -1]]
+    assert batch.segments.tolist() == [[0, 0, 0, 1, 2, 2], [0, 0, 0, 0, 0, 0]]
     assert batch.targets.tolist() == [[20, 21, 0], [22, 23, 24], [30, 0, 0], [31, 0, 0]]
     assert batch.score_mask.tolist() == [[True, True, False], [True, True, True],
                                          [True, False, False], [True, False, False]]
@@ -37,14 +38,39 @@ def test_the_packed_row_by_hand():
     gathered = batch.gather[batch.score_mask].tolist()
     assert gathered == [2, 3, 2, 4, 5, 6, 6]
     assert packed_length(rows) == 6
-    mask = packed_attention_mask(batch.segments)[0, 0].int().tolist()
+    mask = packed_attention_mask(batch.owners, batch.segments)[0, 0].int().tolist()
     assert mask == [[1, 0, 0, 0, 0, 0],
                     [1, 1, 0, 0, 0, 0],
                     [1, 1, 1, 0, 0, 0],
                     [1, 1, 1, 1, 0, 0],   # a's token: the context and itself
                     [1, 1, 1, 0, 1, 0],   # b's first: the context, not a
                     [1, 1, 1, 0, 1, 1]]
-    assert not packed_attention_mask(batch.segments)[1, 0, :, 1:].any()  # padding keys
+    padding_keys = packed_attention_mask(batch.owners, batch.segments)[1, 0, :, 1:]
+    assert not padding_keys.any()
+
+
+def test_examples_share_a_row_and_never_read_each_other():
+    # widths 6, 3 and 2: the second and third fill the row the first leaves... no: rows are
+    # as wide as the longest (6), so 3 + 2 share the second row
+    long = [Row([11, 12, 13], [20, 21]), Row([11, 12, 13], [22, 23, 24])]
+    short = [Row([15], [30, 31]), Row([15], [32, 33])]
+    tiny = [Row([16], [34]), Row([16], [35])]
+    batch = packed_batch([long, short, tiny], PAD)
+    assert batch.input_ids.tolist() == [[11, 12, 13, 20, 22, 23], [15, 30, 32, 16, 0, 0]]
+    assert batch.positions.tolist() == [[0, 1, 2, 3, 3, 4], [0, 1, 1, 0, 0, 0]]
+    assert batch.owners.tolist() == [[0, 0, 0, 0, 0, 0], [1, 1, 1, 2, -1, -1]]
+    assert batch.segments.tolist() == [[0, 0, 0, 1, 2, 2], [0, 1, 2, 0, 0, 0]]
+    # candidates in the examples' order; the third example's context (flat 9) predicts both
+    assert batch.targets.tolist() == [[20, 21, 0], [22, 23, 24], [30, 31, 0], [32, 33, 0],
+                                      [34, 0, 0], [35, 0, 0]]
+    assert batch.gather[batch.score_mask].tolist() == [2, 3, 2, 4, 5, 6, 7, 6, 8, 9, 9]
+    mask = packed_attention_mask(batch.owners, batch.segments)[1, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0],
+                    [1, 0, 1, 0, 0, 0],
+                    [0, 0, 0, 1, 0, 0],   # the third example reads only itself
+                    [0, 0, 0, 0, 0, 0],
+                    [0, 0, 0, 0, 0, 0]]
 
 
 def test_an_unshared_context_tail_is_read_but_not_scored():
@@ -65,20 +91,22 @@ GROUPS = [
 ]
 
 
-def test_packed_scores_equal_one_row_per_candidate_and_the_kv_cache_layout():
+def test_packed_scores_equal_one_row_per_candidate():
     model = tiny_gpt()
+    # the last example (packed length 1) shares the row of the third (4, rows are 6 wide)
+    groups = GROUPS + [[Row([19], [33]), Row([19], [37])]]
     with torch.no_grad():
-        flat = candidate_losses(model, flat_batch([r for g in GROUPS for r in g], "gpt",
+        flat = candidate_losses(model, flat_batch([r for g in groups for r in g], "gpt",
                                                   PAD, PAD))
-        cached = candidate_losses(model, shared_batch(GROUPS, "gpt", PAD))
-        packed = candidate_losses(model, packed_batch(GROUPS, PAD))
+        batch = packed_batch(groups, PAD)
+        packed = candidate_losses(model, batch)
         alone = [candidate_losses(model, flat_batch([r], "gpt", PAD, PAD))[0].item()
-                 for g in GROUPS for r in g]
+                 for g in groups for r in g]
+    assert len(batch.input_ids) == 3
     assert torch.equal(packed[1], flat[1])
-    assert packed[1].tolist() == [2, 3, 1, 1, 2, 4, 1]
+    assert packed[1].tolist() == [2, 3, 1, 1, 2, 4, 1, 1, 1]
     assert packed[0].tolist() == pytest.approx(alone, abs=1e-5)
     assert torch.allclose(packed[0], flat[0], atol=1e-5)
-    assert torch.allclose(packed[0], cached[0], atol=1e-5)
 
 
 def test_another_candidates_tail_does_not_change_a_score():
@@ -102,20 +130,22 @@ class FrontPrompt:
     def place(self, parts):
         return [PAD, PAD] + [t for p in parts for t in p], [0, 1]
 
-    def embed(self, model, input_ids, slot_positions):
-        embeds = model.wte(input_ids).clone()
-        rows = torch.arange(input_ids.shape[0])[:, None].expand_as(slot_positions)
-        embeds[rows, slot_positions] = self.table[None].expand(len(input_ids), -1, -1)
-        return embeds
+    def embed(self, model, input_ids, slots):  # slots: flat indices, one example a row
+        embeds = model.wte(input_ids).reshape(-1, model.cfg.d_model).clone()
+        for example in slots:
+            embeds[example] = self.table
+        return embeds.view(*input_ids.shape, -1)
 
 
 def test_a_soft_prompt_gets_the_same_scores_and_gradient_packed():
     model = tiny_gpt()
     prompt = FrontPrompt(model.cfg.d_model)
     groups = []
-    for g in GROUPS:
+    # the last two examples (packed lengths 3 and 4) share a row: one has two prompts
+    for g in GROUPS + [[Row([21], [40]), Row([21], [41])], [Row([22], [42, 43])]]:
         ids, slots = prompt.place([g[0].context])
         groups.append([Row(ids[:2] + r.context, r.continuation, slots) for r in g])
+    assert len(packed_batch(groups, PAD).input_ids) < len(groups)
     results = []
     for batch in (flat_batch([r for g in groups for r in g], "gpt", PAD, PAD),
                   packed_batch(groups, PAD)):

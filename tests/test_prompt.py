@@ -168,10 +168,11 @@ def test_peft_export_refuses_a_prompt_not_in_front(models, tmp_path):
 @pytest.mark.parametrize("layout", [PromptLayout(3, 0, 0), PromptLayout(1, 1, 1)])
 @pytest.mark.parametrize("recompute", [False, True])
 def test_shared_context_training_gives_the_flat_rows_losses_and_gradients(layout, recompute):
-    """Prompt tuning on a choice/span rule scores each example's context once for its K
-    candidates (a SharedBatch through a GrowingKV); the log-likelihoods and the prompt's
-    gradient equal those of one row per candidate, with activations recomputed too."""
-    from cpmctl.bench.scoring import Row, candidate_losses, flat_batch, shared_batch
+    """Prompt tuning on a gpt choice rule scores each example's context once for its K
+    candidates (a PackedBatch); the log-likelihoods and the prompt's gradient equal those of
+    one row per candidate, with activations recomputed too."""
+    from cpmctl.bench.packing import packed_batch
+    from cpmctl.bench.scoring import Row, candidate_losses, flat_batch
     from cpmctl.models import checkpoint_activations
 
     torch.manual_seed(0)
@@ -189,7 +190,7 @@ def test_shared_context_training_gives_the_flat_rows_losses_and_gradients(layout
         groups.append([Row(ids, c, slots) for c in continuations])
     results = []
     for batch in (flat_batch([r for g in groups for r in g], "gpt", 5, 5),
-                  shared_batch(groups, "gpt", 5)):
+                  packed_batch(groups, 5)):
         prompt.table.grad = None
         logprob, counts = candidate_losses(model, batch, prompt)
         (logprob / counts).sum().backward()

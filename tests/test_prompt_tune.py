@@ -329,6 +329,7 @@ def test_peft_round_trip_gives_the_same_label_scores(setup, tmp_path):
     from cpmctl.models.artifact import load_model
     from cpmctl.models.convert import convert_to_hf
     from cpmctl.prompt.artifact import prompt_info, save_prompt
+    from cpmctl.prompt.bench import peft_scores
     from cpmctl.prompt.peft import to_peft
     from cpmctl.prompt.soft import PromptLayout, SoftPrompt
     from cpmctl.tokenizer import from_folder
@@ -362,8 +363,12 @@ def test_peft_round_trip_gives_the_same_label_scores(setup, tmp_path):
             n = len(row.continuation)
             positions = torch.arange(ids.shape[1] - n, ids.shape[1])
             got.append(logprobs[3 + positions - 1, ids[0, positions]].sum())
+        # `bench prompt` / `prompt-accuracy`'s batched PEFT side (padded rows, one gather)
+        batched, counts = peft_scores(theirs, [(r.context, r.continuation) for r in rows], 3, 5)
     assert torch.allclose(torch.stack(got), expected, atol=1e-4, rtol=0)
     assert torch.equal(expected.view(-1, 2).argmax(1), torch.stack(got).view(-1, 2).argmax(1))
+    assert torch.allclose(batched, expected, atol=1e-4, rtol=0)
+    assert counts.tolist() == [len(r.continuation) for r in rows]
 
 
 @pytest.mark.slow
@@ -417,3 +422,43 @@ def test_stage2_under_deepspeed_matches_the_torch_engine_and_resumes(setup, tmp_
     stage2("f", "deepspeed", fix=True)  # a fixed prompt: no optimizer's, written as it was
     fixed = load_prompt(tmp_path / "f-prompt", open_artifact(tmp_path / "f").digest).table
     assert torch.equal(fixed, load_prompt(first, open_artifact(setup["model"]).digest).table)
+
+
+def test_bench_prompt_times_four_ways_in_their_own_processes(setup, cli):
+    """`cpmctl bench prompt` at a tiny shape: every way runs, its steps/s, peak RSS and
+    trainable count come back; the recomputed way trains exactly what the plain way does."""
+    result = cli("bench", "prompt", "-m", setup["model"], "-t", str(setup["task"]), "--train",
+                 setup["train"], "--shape", "tiny-gpt", "--length", "4", "--batch", "2",
+                 "--steps", "2", "--warmup", "0", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    runs = {r["method"]: r for r in report["runs"]}
+    assert list(runs) == ["cpmctl prompt tuning", "cpmctl prompt tuning, activations recomputed",
+                          "cpmctl full fine-tuning", "PEFT prompt tuning"]
+    d_model = report["d_model"]
+    for name, run in runs.items():
+        assert run["steps_per_s"] > 0 and run["peak_rss_mb"] >= run["rss_before_training_mb"]
+        assert len(run["losses"]) == 2 and all(loss > 0 for loss in run["losses"])
+        if "prompt tuning" in name:
+            assert run["trainable_parameters"] == 4 * d_model
+    assert runs["cpmctl full fine-tuning"]["trainable_parameters"] > 100 * 4 * d_model
+    assert (runs["cpmctl prompt tuning"]["losses"]
+            == runs["cpmctl prompt tuning, activations recomputed"]["losses"])
+    assert report["rss_vs_peft"] == pytest.approx(
+        runs["cpmctl prompt tuning"]["peak_rss_mb"] / runs["PEFT prompt tuning"]["peak_rss_mb"],
+        abs=1e-3)
+
+
+def test_prompt_accuracy_trains_cpmctl_and_peft_alike(setup, cli):
+    """`cpmctl bench prompt-accuracy`: both ways start from the same prompt and see the same
+    examples with the same optimizer, so after a few steps they predict alike."""
+    pytest.importorskip("peft")
+    result = cli("bench", "prompt-accuracy", "-m", setup["model"], "-t", str(setup["task"]),
+                 "--train", setup["train"], "--test", setup["dev"], "--length", "3",
+                 "--steps", "4", "--batch", "4", "--init", "vocab", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert set(report["ways"]) == {"cpmctl", "PEFT"}
+    for way in report["ways"].values():
+        assert way["n"] == 24 and way["low"] <= way["value"] <= way["high"]
+    assert report["same_prediction"] >= 0.9

@@ -1,8 +1,9 @@
-"""Packed candidates: a gpt scores an example's K continuations in ONE row behind its context.
+"""Packed candidates: a gpt scores an example's K continuations in ONE run behind its context,
+and as many examples as fit share a row.
 
-    row        c0 c1 c2 | a0 a1 | b0 b1 b2 | pad      (context c, tails a and b)
-    position    0  1  2 |  3  4 |  3  4  5 |  0
-    attends    causal   | c, a  | c, b     | -
+    row        c0 c1 c2 | a0 a1 | b0 b1 b2 | d0 d1 | e0 | pad   (example 1: context c, tails
+    position    0  1  2 |  3  4 |  3  4  5 |  0  1 |  2 |  0     a, b; example 2: context d,
+    attends    causal   | c, a  | c, b     | causal| d,e| -      tail e)
 
 The shared context comes once, then every candidate's tail (what follows the shared prefix:
 the rest of its context, unscored, and its continuation) without its last token, which is
@@ -11,16 +12,24 @@ the context and to its own earlier tokens only, so each candidate is scored exac
 were its own row. The context's last state predicts every tail's first token. `gather` says,
 for each candidate's target, which state of the packed batch predicts it.
 
+Rows are as wide as the longest example; the examples fill them first fit, longest first
+(`pack_rows`: `score` packs the whole task so that short examples fill the rows long ones
+leave, then cuts the rows into batches), and a query reads only its own example's keys: the
+padding that one example a row left (27% of the positions on the first 64 idiom-cloze
+examples) is 5%.
+
 Why this layout rather than a KV cache copied to K rows (the earlier design): one forward
 instead of two, no cache allocated and no context keys/values copied per candidate, and a row
 is padded to the longest example of its batch rather than every candidate to the longest
 continuation. Measured on the first 64 idiom-cloze examples at CPM-Small's shape, 128
 candidates a batch (docs/design.md): the cache layout ran 7 forwards over 7,711 token
-positions, 15% of its time in the cache's copies, fills and gathers; this one runs 3
-forwards over 7,120 positions in half the CPU time. The attention does more work (every tail
-is masked against the others), but at these lengths it is under a tenth of a forward; the
-projections are most of the rest. It is one forward of the blocks without a cache, so
-autograd follows it as it is.
+positions, 15% of its time in the cache's copies, fills and gathers; one example a row ran 3
+forwards over 7,120 positions in half the CPU time, and several a row 2 over 5,454. The
+attention does more work (every query is masked against the row's other tails and
+examples), but at these widths it is under a tenth of a forward; the projections are most of
+the rest. It is one forward of the blocks without a cache, so autograd follows it as it is:
+prompt tuning trains through it (and keeps no per-candidate copies of the context's keys
+and values, which the cache layout's gradient needed: 146 MB of a CPM-Small step).
 
 NOTE: the blocks are called here directly rather than through GPT.forward, whose positions
 come from a [batch, seq] padding mask (cumsum) and whose mask is one per key: a packed row
@@ -37,16 +46,18 @@ import torch
 
 @dataclass
 class PackedBatch:
-    """B packed rows (see the module) for R candidates.
+    """B packed rows (see the module) for R candidates of E examples.
 
-    input_ids, positions [B, L]; segments [B, L]: 0 context, k + 1 the tail of the example's
-    k-th candidate, -1 padding; targets, score_mask, gather [R, Lt]: a candidate's tail
-    tokens, True where the token is a continuation token (scored), and the index into the
-    batch's flattened [B * L] states that predicts it; slots [B, P] a soft prompt's slots
-    in the context (or None)."""
+    input_ids, positions [B, L]; owners [B, L]: which example of the batch a token belongs to
+    (-1 padding); segments [B, L]: 0 its example's context, k + 1 the tail of the example's
+    k-th candidate; targets, score_mask, gather [R, Lt]: a candidate's tail tokens, True
+    where the token is a continuation token (scored), and the index into the batch's
+    flattened [B * L] states that predicts it; slots [E, P]: a soft prompt's slots in each
+    example's context, as indices into the flattened [B * L] tokens (or None)."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
+    owners: torch.Tensor
     segments: torch.Tensor
     targets: torch.Tensor
     score_mask: torch.Tensor
@@ -71,72 +82,103 @@ def shared_prefix(rows) -> int:
 
 
 def packed_length(rows) -> int:
-    """The length of an example's packed row: the shared context, then each tail but its
+    """The length of an example's packed run: the shared context, then each tail but its
     last token."""
     shared = shared_prefix(rows)
     return shared + sum(len(r.context) + len(r.continuation) - shared - 1 for r in rows)
 
 
-def packed_batch(groups, pad_id: int) -> PackedBatch:
-    """A PackedBatch of examples (each a list of Rows: context, continuation, slots). A
-    prompt's slots must lie in the shared context; candidates must share their first token
-    (fit_group cuts every context alike, so they do)."""
+def pack_rows(lengths: list[int], width: int | None = None) -> list[list[int]]:
+    """Which examples share a row: first fit, longest first, into rows `width` wide (default:
+    the longest example's). Indices into `lengths`, each row longest first."""
+    width = max(lengths) if width is None else width
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if at is None:
+            rows.append([])
+            room.append(width)
+            at = len(rows) - 1
+        rows[at].append(i)
+        room[at] -= lengths[i]
+    return rows
+
+
+def packed_batch(groups, pad_id: int, width: int | None = None) -> PackedBatch:
+    """A PackedBatch of examples (each a list of Rows: context, continuation, slots), as
+    many a row as fit (`pack_rows`, rows `width` wide); candidates come out in the examples'
+    order. A prompt's slots must lie in the shared context; candidates must share their first
+    token (fit_group cuts every context alike, so they do)."""
     from cpmctl.errors import CpmError
 
-    rows_ids, rows_pos, rows_seg, slots = [], [], [], []
-    tails, scored, gather_at = [], [], []
-    for g, rows in enumerate(groups):
-        shared = shared_prefix(rows)
-        if shared < 1:
-            raise AssertionError("candidates of one example always share their first context "
-                                 "token (fit_group cuts them alike)")
-        if any(s >= shared for s in rows[0].slots):
-            raise CpmError("a prompt slot falls outside the context the candidates share")
-        ids = list(rows[0].context[:shared])
-        positions = list(range(shared))
-        segments = [0] * shared
-        for k, r in enumerate(rows, 1):
-            tail = (r.context + r.continuation)[shared:]
-            start = len(ids)
-            ids += tail[:-1]
-            positions += range(shared, shared + len(tail) - 1)
-            segments += [k] * (len(tail) - 1)
-            tails.append(tail)
-            scored.append(len(r.continuation))
-            # target 0 is predicted by the context's last state, target j by the tail's j-1
-            gather_at.append((g, [shared - 1] + list(range(start, start + len(tail) - 1))))
-        rows_ids.append(ids)
-        rows_pos.append(positions)
-        rows_seg.append(segments)
-        slots.append(rows[0].slots)
-    length = max(map(len, rows_ids))
+    lengths = [packed_length(rows) for rows in groups]
+    layout = pack_rows(lengths, width)
+    width = max(lengths) if width is None else width
+    input_ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(layout), width), dtype=torch.long)
+    owners = torch.full((len(layout), width), -1, dtype=torch.long)
+    segments = torch.zeros((len(layout), width), dtype=torch.long)
+    tails: list[list[int]] = [[]] * sum(map(len, groups))
+    states: list[list[int]] = [[]] * len(tails)
+    scored = [len(r.continuation) for rows in groups for r in rows]
+    first = [0]
+    for rows in groups:
+        first.append(first[-1] + len(rows))
+    slots: list[list[int]] = [[]] * len(groups)
+    for b, members in enumerate(layout):
+        at = b * width  # flat index of the row's next free token
+        for g in members:
+            rows = groups[g]
+            shared = shared_prefix(rows)
+            if shared < 1:
+                raise AssertionError("candidates of one example always share their first "
+                                     "context token (fit_group cuts them alike)")
+            if any(s >= shared for s in rows[0].slots):
+                raise CpmError("a prompt slot falls outside the context the candidates share")
+            ids = list(rows[0].context[:shared])
+            pos = list(range(shared))
+            seg = [0] * shared
+            slots[g] = [at + s for s in rows[0].slots]
+            context_end = at + shared - 1
+            for k, r in enumerate(rows, 1):
+                tail = (r.context + r.continuation)[shared:]
+                start = at + len(ids)
+                ids += tail[:-1]
+                pos += range(shared, shared + len(tail) - 1)
+                seg += [k] * (len(tail) - 1)
+                tails[first[g] + k - 1] = tail
+                # target 0 is predicted by the context's last state, target j by the
+                # tail's j-1
+                states[first[g] + k - 1] = [context_end] + list(range(start,
+                                                                      start + len(tail) - 1))
+            span = slice(at - b * width, at - b * width + len(ids))
+            input_ids[b, span] = torch.tensor(ids, dtype=torch.long)
+            positions[b, span] = torch.tensor(pos, dtype=torch.long)
+            owners[b, span] = g
+            segments[b, span] = torch.tensor(seg, dtype=torch.long)
+            at += len(ids)
     tail_length = max(map(len, tails))
-    input_ids = torch.full((len(groups), length), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(groups), length), dtype=torch.long)
-    segments = torch.full((len(groups), length), -1, dtype=torch.long)
-    for g, (ids, pos, seg) in enumerate(zip(rows_ids, rows_pos, rows_seg, strict=True)):
-        input_ids[g, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        positions[g, :len(pos)] = torch.tensor(pos, dtype=torch.long)
-        segments[g, :len(seg)] = torch.tensor(seg, dtype=torch.long)
     targets = torch.full((len(tails), tail_length), pad_id, dtype=torch.long)
     score_mask = torch.zeros((len(tails), tail_length), dtype=torch.bool)
     gather = torch.zeros((len(tails), tail_length), dtype=torch.long)
-    for i, (tail, n, (g, states)) in enumerate(zip(tails, scored, gather_at, strict=True)):
+    for i, (tail, n, predictors) in enumerate(zip(tails, scored, states, strict=True)):
         targets[i, :len(tail)] = torch.tensor(tail, dtype=torch.long)
         score_mask[i, len(tail) - n:len(tail)] = True
-        gather[i, :len(states)] = torch.tensor(states, dtype=torch.long) + g * length
-    slot_tensor = (torch.tensor(slots, dtype=torch.long) if slots and slots[0] else None)
-    return PackedBatch(input_ids, positions, segments, targets, score_mask, gather,
+        gather[i, :len(predictors)] = torch.tensor(predictors, dtype=torch.long)
+    slot_tensor = torch.tensor(slots, dtype=torch.long) if slots[0] else None
+    return PackedBatch(input_ids, positions, owners, segments, targets, score_mask, gather,
                        slot_tensor)
 
 
-def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
-    """bool [B, 1, L, L], True where a query may read a key: causal, real keys only, and a
-    tail's query reads the context and its own tail."""
+def packed_attention_mask(owners: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, L, L], True where a query may read a key: causal, a real key of the
+    query's own example, and a tail's query reads the context and its own tail."""
     length = segments.shape[1]
-    query, key = segments[:, :, None], segments[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    allowed = (key >= 0) & ((key == 0) | (key == query)) & causal
+    same = (owners[:, None, :] == owners[:, :, None]) & (owners[:, None, :] >= 0)
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = same & ((key == 0) | (key == query)) & causal
     return allowed[:, None]
 
 
@@ -151,7 +193,7 @@ def packed_states(model, batch: PackedBatch, prompt=None):
     else:
         x = model.wte(ids)
     x = model.drop(x + model.wpe(batch.positions.to(device)))
-    mask = packed_attention_mask(batch.segments.to(device))
+    mask = packed_attention_mask(batch.owners.to(device), batch.segments.to(device))
     for block in model.blocks:
         x = block(x, mask)
     hidden = model.ln_f(x)

@@ -18,21 +18,19 @@ Forward passes (`candidate_losses`, differentiable: prompt tuning calls it with 
 - `FlatBatch`: every candidate a row of context + continuation, left-padded for gpt (positions
   count real tokens) and right-padded for encdec. The `cpm1` rule: one continuation under K
   contexts, K rows.
-- `PackedBatch` (`choice` on gpt, what `score` uses; cpmctl.bench.packing): one row per
-  example, its shared context once, then its K tails, each attending to the context and to
-  itself; one forward, no cache.
-- `SharedBatch` (`choice`/`span`): each example's shared context once, then its K
-  continuations. gpt: the contexts' keys and values go into a KV cache, are copied to the K
-  rows of their example, and the continuations run on top; encdec: the encoder output is
-  repeated for the K decoder rows. The context is computed once instead of K times, with
-  gradients too (gpt then uses `GrowingKV`): prompt tuning trains through it.
+- `PackedBatch` (`choice` on gpt; cpmctl.bench.packing): each example its shared context
+  once, then its K tails, each attending to the context and to itself, several examples a
+  row; one forward, no cache, so prompt tuning trains through it as it is.
+- `SharedBatch` (`choice`/`span` on encdec): each example's encoder input once, its output
+  repeated for the K decoder rows.
 Only the scored positions go through the LM head, in fp32 (log_softmax).
 
 A soft prompt (`prompt`, prompt tuning's object): `prompt.place(parts_ids) -> (ids,
 slot_positions)` puts its slots into one candidate's context, and `prompt.embed(model,
-input_ids [R, L], slot_positions LongTensor [R, P]) -> inputs_embeds [R, L, d]` fills them;
-every forward here goes through these two calls when a prompt is given (gpt: the context
-part; encdec: the encoder input only).
+input_ids [R, L], slots LongTensor [E, P]) -> inputs_embeds [R, L, d]` fills them (E
+examples' slots as indices into the flattened [R * L] ids: a packed row holds several
+examples); every forward here goes through these two calls when a prompt is given (gpt: the
+context part; encdec: the encoder input only).
 """
 
 from __future__ import annotations
@@ -44,7 +42,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cpmctl.bench.packing import PackedBatch, packed_batch, packed_length, packed_states
+from cpmctl.bench.packing import (
+    PackedBatch,
+    pack_rows,
+    packed_batch,
+    packed_length,
+    packed_states,
+)
 from cpmctl.bench.tasks.format import SPAN_MARKER, Candidate, Example, ScoringRequests, Task
 from cpmctl.errors import CpmError
 
@@ -187,10 +191,9 @@ class FlatBatch:
 
 @dataclass
 class SharedBatch:
-    """B shared contexts and R continuations: `row_example` [R] says whose context each
-    continuation row continues. gpt: contexts left-padded [B, Lc], continuations right-padded
-    [R, Lt] (cont_ids, cont_mask; targets, score_mask [R, Lt] where position 0 is predicted
-    by the context's last token). encdec: contexts are the encoder input (right-padded)."""
+    """encdec: B encoder inputs (right-padded) and R decoder rows: `row_example` [R] says
+    whose encoder output each row reads; cont_ids, cont_mask, targets, score_mask [R, Lt]
+    (the targets are <s_0> and the continuation, only the continuation scored)."""
 
     context_ids: torch.Tensor
     context_mask: torch.Tensor
@@ -215,11 +218,14 @@ def _pad(seqs: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def _slot_tensor(rows_slots: list[list[int]], offsets: list[int]) -> torch.Tensor | None:
+def _slot_tensor(rows_slots: list[list[int]], offsets: list[int],
+                 width: int) -> torch.Tensor | None:
+    """Row i's slots, shifted by its padding `offsets[i]`, as indices into the flattened
+    [rows * width] ids (the prompt seam's form, see the module)."""
     if not rows_slots or not rows_slots[0]:
         return None
-    return torch.tensor([[s + o for s in slots]
-                         for slots, o in zip(rows_slots, offsets, strict=True)],
+    return torch.tensor([[s + o + i * width for s in slots]
+                         for i, (slots, o) in enumerate(zip(rows_slots, offsets, strict=True))],
                         dtype=torch.long)
 
 
@@ -236,7 +242,7 @@ def flat_batch(rows: list[Row], arch: str, pad_id: int, start_id: int,
         for i, r in enumerate(rows):
             score[i, 1:1 + len(r.continuation)] = True
         return FlatBatch(enc_ids, enc_mask, target_ids, score,
-                         _slot_tensor([r.slots for r in rows], [0] * len(rows)),
+                         _slot_tensor([r.slots for r in rows], [0] * len(rows), enc_ids.shape[1]),
                          dec_ids, dec_mask)
     full = [r.context + r.continuation for r in rows]
     input_ids, mask = _pad([f[:-1] for f in full], pad_id, left=True)
@@ -247,59 +253,53 @@ def flat_batch(rows: list[Row], arch: str, pad_id: int, start_id: int,
         score[i, length - len(r.continuation):] = True
     offsets = [length - (len(f) - 1) for f in full]
     return FlatBatch(input_ids, mask, targets, score,
-                     _slot_tensor([r.slots for r in rows], offsets))
+                     _slot_tensor([r.slots for r in rows], offsets, length))
 
 
-def shared_batch(groups: list[list[Row]], arch: str, pad_id: int,
-                 sentinel_id: int | None = None, start_id: int | None = None) -> SharedBatch:
-    """A SharedBatch: one context per group (the rows' common prefix), its rows'
-    continuations after it. gpt: the shared context is the longest prefix all of a group's
-    rows agree on (at most each row's own context), the rest of a row's context goes before
-    its continuation, unscored."""
-    contexts, tails, scored, row_example, slots = [], [], [], [], []
+def shared_batch(groups: list[list[Row]], pad_id: int, sentinel_id: int,
+                 start_id: int) -> SharedBatch:
+    """An encdec SharedBatch: each group's encoder input once, its rows' decoder inputs
+    (`<s_0>` + the continuation) after it. (A gpt shares its context in a PackedBatch.)"""
+    contexts, tails, row_example, slots = [], [], [], []
     for g, rows in enumerate(groups):
-        if arch == "encdec":
-            shared = len(rows[0].context)
-            if any(r.context != rows[0].context for r in rows):
-                raise CpmError("the candidates of a shared-context rule must share their "
-                               "encoder input")
-        else:
-            shared = min(len(r.context) for r in rows)
-            for r in rows[1:]:
-                shared = min(shared, _common_prefix(rows[0].context + rows[0].continuation,
-                                                    r.context + r.continuation))
-            if shared < 1:
-                raise AssertionError("candidates of one example always share their first "
-                                     "context token (fit_group cuts them alike)")
-            if any(s >= shared for s in rows[0].slots):
-                raise CpmError("a prompt slot falls outside the context the candidates share")
-        contexts.append(rows[0].context[:shared])
+        if any(r.context != rows[0].context for r in rows):
+            raise CpmError("the candidates of a shared-context rule must share their "
+                           "encoder input")
+        contexts.append(rows[0].context)
         slots.append(rows[0].slots)
         for r in rows:
-            if arch == "encdec":
-                tails.append([sentinel_id] + r.continuation)
-            else:
-                tails.append((r.context + r.continuation)[shared:])
-            scored.append(len(r.continuation))
+            tails.append([sentinel_id] + r.continuation)
             row_example.append(g)
-    context_ids, context_mask = _pad(contexts, pad_id, left=arch != "encdec")
-    if arch == "encdec":
-        cont_ids, cont_mask = _pad([[start_id] + t[:-1] for t in tails], pad_id, left=False)
-        targets, _ = _pad(tails, pad_id, left=False)
-    else:
-        # position 0 of a tail is predicted by the context's last token; the tail's own
-        # last token predicts nothing
-        cont_ids, _ = _pad([t[:-1] or [pad_id] for t in tails], pad_id, left=False)
-        cont_mask = torch.stack([torch.arange(cont_ids.shape[1]) < len(t) - 1
-                                 for t in tails]).long()
-        targets, _ = _pad(tails, pad_id, left=False)
+    context_ids, context_mask = _pad(contexts, pad_id, left=False)
+    cont_ids, cont_mask = _pad([[start_id] + t[:-1] for t in tails], pad_id, left=False)
+    targets, _ = _pad(tails, pad_id, left=False)
     score = torch.zeros_like(targets, dtype=torch.bool)
-    for i, (t, n) in enumerate(zip(tails, scored, strict=True)):
-        score[i, len(t) - n:len(t)] = True
-    offsets = ([context_ids.shape[1] - len(c) for c in contexts] if arch != "encdec"
-               else [0] * len(contexts))
+    for i, t in enumerate(tails):
+        score[i, 1:len(t)] = True
     return SharedBatch(context_ids, context_mask, torch.tensor(row_example), cont_ids,
-                       cont_mask, targets, score, _slot_tensor(slots, offsets))
+                       cont_mask, targets, score,
+                       _slot_tensor(slots, [0] * len(contexts), context_ids.shape[1]))
+
+
+def batch_layout(rule: str, arch: str, share_context: bool = True) -> str:
+    """How a rule's candidates are batched, for scoring and for prompt tuning alike: `flat`
+    (a row each: cpm1's differ in the context), `packed` (gpt choice: the context once) or
+    `shared` (encdec choice/span: the encoder once)."""
+    if not share_context or rule not in ("choice", "span"):
+        return "flat"
+    return "packed" if arch == "gpt" else "shared"
+
+
+def make_batch(groups: list[list[Row]], layout: str, arch: str, pad_id: int,
+               sentinel_id: int | None = None,
+               width: int | None = None) -> FlatBatch | SharedBatch | PackedBatch:
+    """The batch of examples' rows in a `batch_layout` (pad_id also starts the decoder;
+    `width`: a packed row's, see packing.pack_rows)."""
+    if layout == "packed":
+        return packed_batch(groups, pad_id, width)
+    if layout == "shared":
+        return shared_batch(groups, pad_id, sentinel_id, pad_id)
+    return flat_batch([r for g in groups for r in g], arch, pad_id, pad_id, sentinel_id)
 
 
 # ---------------------------------------------------------------- forward passes
@@ -354,15 +354,12 @@ def _scored_states(model, batch: FlatBatch | SharedBatch | PackedBatch, prompt):
             hidden = model(None if embeds is not None else b["input_ids"], b["attention_mask"],
                            inputs_embeds=embeds, return_hidden=True)
         return hidden[mask], b["targets"][mask], mask
-    rows = b["row_example"]
+    rows = b["row_example"]  # a SharedBatch: encdec's encoder output repeated for K rows
     embeds = _embed(model, b["context_ids"], b["slots"], prompt)
-    if arch == "encdec":
-        encoder_out = model.encode(None if embeds is not None else b["context_ids"],
-                                   b["context_mask"], inputs_embeds=embeds)
-        hidden = _decoder_hidden(model, b["cont_ids"], encoder_out[rows],
-                                 b["context_mask"][rows], b["cont_mask"])
-    else:
-        hidden = _gpt_shared_hidden(model, b, embeds)
+    encoder_out = model.encode(None if embeds is not None else b["context_ids"],
+                               b["context_mask"], inputs_embeds=embeds)
+    hidden = _decoder_hidden(model, b["cont_ids"], encoder_out[rows], b["context_mask"][rows],
+                             b["cont_mask"])
     return hidden[mask], b["targets"][mask], mask
 
 
@@ -377,81 +374,6 @@ def _decoder_hidden(model, decoder_ids, encoder_out, attention_mask, decoder_mas
         return model.decode(decoder_ids, encoder_out, attention_mask, decoder_mask)
     finally:
         model.lm_head = head
-
-
-class GrowingKV:
-    """A KV cache for forward passes with gradients (prompt tuning through a SharedBatch):
-    `append` concatenates instead of writing into a preallocated buffer, so autograd sees
-    every step and the gradient reaches the shared context (and a prompt in it) through the
-    keys and values its K continuations read. Duck-types cpmctl.infer.cache.KVCache for
-    GPT.forward: `layers[i].append(k, v)`, `length`."""
-
-    def __init__(self, n_layers: int, length: int = 0, layers: list | None = None):
-        # NOTE: the layers hold no reference back to the cache: a cycle would keep every
-        # layer's keys and values (and the graph behind them) alive until Python's cyclic
-        # garbage collector ran, ~120 MB a step at CPM-Small (measured)
-        self.layers = layers or [_GrowingLayer() for _ in range(n_layers)]
-        self.length = length
-
-    def select(self, rows: torch.Tensor) -> GrowingKV:
-        """A cache whose row r continues row `rows[r]` of this one (index_select: its
-        backward sums the K rows' gradients back into one with index_add, which is several
-        times faster on the CPU than advanced indexing's accumulating index_put)."""
-        return GrowingKV(len(self.layers), self.length,
-                         [_GrowingLayer(layer.keys.index_select(0, rows),
-                                        layer.values.index_select(0, rows))
-                          for layer in self.layers])
-
-
-class _GrowingLayer:
-    """`append` returns the past keys/values with the new ones after them and keeps that as
-    `keys`/`values`, but never changes the past: a block recomputed in the backward pass
-    (activation checkpointing) appends the same keys again and gets the same result."""
-
-    def __init__(self, past_keys=None, past_values=None):
-        self.past_keys, self.past_values = past_keys, past_values
-        self.keys, self.values = past_keys, past_values
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.past_keys is not None:
-            k = torch.cat([self.past_keys.to(k.dtype), k], dim=2)
-            v = torch.cat([self.past_values.to(v.dtype), v], dim=2)
-        self.keys, self.values = k, v
-        return k, v
-
-
-def _gpt_shared_hidden(model, b: dict, embeds) -> torch.Tensor:
-    """Hidden states [R, Lt, d] predicting each tail token: the context's last state, then
-    the tail's. The contexts' KV is computed once and copied to their rows (a GrowingKV when
-    gradients are on, so that prompt tuning trains through the shared context too)."""
-    from cpmctl.infer.cache import KVCache
-
-    cfg = model.cfg
-    context_ids, context_mask = b["context_ids"], b["context_mask"]
-    rows = b["row_example"]
-    groups, context_len = context_ids.shape
-    # NOTE: the padded widths may add up to more than max_positions; the positions count a
-    # row's real tokens only (fit_group keeps each within the model's context)
-    tail_len = b["cont_ids"].shape[1]
-    dtype = model.wte.weight.dtype  # the activations' (an int8 model computes in bf16)
-    device = context_ids.device
-    grad = torch.is_grad_enabled()  # prompt tuning: autograd cannot follow in-place writes
-    small = (GrowingKV(cfg.n_layers) if grad
-             else KVCache.for_model(cfg, groups, context_len, dtype=dtype, device=device))
-    context_hidden = model(None if embeds is not None else context_ids, context_mask,
-                           inputs_embeds=embeds, cache=small, return_hidden=True)
-    if grad:
-        big = small.select(rows)
-    else:
-        big = KVCache.for_model(cfg, len(rows), context_len + tail_len, dtype=dtype,
-                                device=device)
-        big.keys[:, :, :, :context_len] = small.keys[:, rows]
-        big.values[:, :, :, :context_len] = small.values[:, rows]
-        big.length = context_len
-    mask = torch.cat([context_mask[rows], b["cont_mask"]], dim=1)
-    tail_hidden = model(b["cont_ids"], mask, cache=big, return_hidden=True)
-    hidden = torch.cat([context_hidden[rows, -1:], tail_hidden], dim=1)
-    return hidden[:, :b["targets"].shape[1]]
 
 
 # ---------------------------------------------------------------- scoring a task
@@ -496,7 +418,8 @@ def score(model, tokenizer, task: Task, examples: list[Example], *, batch_size: 
     """Score every example's candidates (rules cpm1, choice, span); `batch_size` rows per
     forward; `seed` draws sampled:K's others (per example, so a result never depends on the
     batch or --limit); `share_context` False scores every candidate as its own row (the
-    baseline the shared context is measured against). Results in the examples' order."""
+    baseline the shared context is measured against: with `batch_size` 1, one forward per
+    candidate). Results in the examples' order."""
     arch = model.cfg.arch
     if task.rule not in ("cpm1", "choice", "span"):
         raise CpmError(f"task {task.name}: rule {task.rule} is not scored by candidates")
@@ -508,8 +431,7 @@ def score(model, tokenizer, task: Task, examples: list[Example], *, batch_size: 
     if arch == "encdec" and tokenizer.sentinels is None:
         raise CpmError("an encdec model scores <s_0> + the answer: its tokenizer has no "
                        "sentinels")
-    shared = share_context and task.rule in ("choice", "span")
-    layout = ("flat" if not shared else "packed" if arch == "gpt" else "shared")
+    layout = batch_layout(task.rule, arch, share_context)
     prepared = []
     for example in examples:
         requests = task.requests(example, _rng(seed, example.index))
@@ -521,41 +443,47 @@ def score(model, tokenizer, task: Task, examples: list[Example], *, batch_size: 
             rows, cut = fit_group(rows, model.cfg.max_positions,
                                   keep_context=task.rule == "cpm1")
         prepared.append((requests, rows, cut))
-    order = sorted(range(len(prepared)), key=lambda i: _padding_key(prepared[i][1], layout))
+    # a unit is what a forward cannot split: one candidate's row (flat), or one example's
+    # candidates (shared and packed: they share its context)
+    units = ([(i, k, [row]) for i, (_, rows, _) in enumerate(prepared)
+              for k, row in enumerate(rows)] if layout == "flat"
+             else [(i, 0, rows) for i, (_, rows, _) in enumerate(prepared)])
+    width = None
+    if layout == "packed":  # the whole task packed (packing.py), then cut into batches
+        lengths = [packed_length(rows) for _, _, rows in units]
+        width = max(lengths)
+        units = [units[i] for row in pack_rows(lengths, width) for i in row]
+    else:
+        units.sort(key=lambda unit: _padding_key(unit[2], layout))
+    logprobs = [[0.0] * len(rows) for _, rows, _ in prepared]
+    counts = [[0] * len(rows) for _, rows, _ in prepared]
+    left = [len(rows) for _, rows, _ in prepared]
     results: list[ExampleScore | None] = [None] * len(prepared)
     sentinel = tokenizer.sentinel_id(0) if arch == "encdec" else None
     done = 0
     with torch.inference_mode():
-        for chunk in _chunks(order, prepared, batch_size, layout):
-            groups = [prepared[i][1] for i in chunk]
-            if layout == "packed":
-                batch = packed_batch(groups, tokenizer.pad_id)
-            elif layout == "shared":
-                batch = shared_batch(groups, arch, tokenizer.pad_id, sentinel, tokenizer.pad_id)
-            else:
-                batch = flat_batch([r for g in groups for r in g], arch, tokenizer.pad_id,
-                                   tokenizer.pad_id, sentinel)
-            logprob, counts = candidate_losses(model, batch, prompt)
-            logprob, counts = logprob.tolist(), counts.tolist()
+        for chunk in _chunks(units, batch_size, layout, width):
+            batch = make_batch([rows for _, _, rows in chunk], layout, arch, tokenizer.pad_id,
+                               sentinel, width)
+            logprob, count = (t.tolist() for t in candidate_losses(model, batch, prompt))
             at = 0
-            for i in chunk:
-                requests, rows, cut = prepared[i]
-                k = len(rows)
-                results[i] = _example_score(requests, logprob[at:at + k], counts[at:at + k],
-                                            cut)
-                at += k
-            done += len(chunk)
+            for i, first, rows in chunk:
+                logprobs[i][first:first + len(rows)] = logprob[at:at + len(rows)]
+                counts[i][first:first + len(rows)] = count[at:at + len(rows)]
+                at += len(rows)
+                left[i] -= len(rows)
+                if not left[i]:
+                    requests, _, cut = prepared[i]
+                    results[i] = _example_score(requests, logprobs[i], counts[i], cut)
+                    done += 1
             if progress is not None:
                 progress(done, len(prepared))
     return results
 
 
 def _padding_key(rows: list[Row], layout: str) -> tuple[int, ...]:
-    """The order that keeps padding low, longest first: whole rows (flat), the packed row
-    (packed), or the K continuations (shared: they are K rows a context, the context is
-    one)."""
-    if layout == "packed":
-        return (-packed_length(rows),)
+    """The order that keeps padding low, longest first: whole rows (flat) or the K
+    continuations (shared: they are K rows a context, the context is one)."""
     if layout == "shared":
         return (-max(len(r.continuation) for r in rows), -len(rows[0].context))
     return (-max(len(r.context) + len(r.continuation) for r in rows),)
@@ -566,13 +494,13 @@ def _padding_key(rows: list[Row], layout: str) -> tuple[int, ...]:
 MAX_PADDING = 0.5
 
 
-def _tokens(groups: list[list[Row]], layout: str) -> tuple[int, int]:
+def _tokens(groups: list[list[Row]], layout: str, width: int | None) -> tuple[int, int]:
     """(padded, real) tokens of a batch of examples' rows, as flat_batch / packed_batch /
     shared_batch pad them."""
     rows = [r for g in groups for r in g]
     if layout == "packed":
         lengths = [packed_length(g) for g in groups]
-        return len(groups) * max(lengths), sum(lengths)
+        return len(pack_rows(lengths, width)) * (width or max(lengths)), sum(lengths)
     if layout == "shared":
         tails = [len(r.continuation) for r in rows]
         contexts = [len(g[0].context) for g in groups]
@@ -582,18 +510,18 @@ def _tokens(groups: list[list[Row]], layout: str) -> tuple[int, int]:
     return len(rows) * max(lengths), sum(lengths)
 
 
-def _chunks(order: list[int], prepared: list, batch_size: int, layout: str):
-    """Examples in batches of at most `batch_size` rows (at least one example a batch) and
-    at most MAX_PADDING padding."""
-    chunk: list[int] = []
-    for i in order:
-        grown = [prepared[j][1] for j in chunk + [i]]
+def _chunks(units: list, batch_size: int, layout: str, width: int | None):
+    """Units (see score) in batches of at most `batch_size` candidates (at least one unit
+    a batch) and at most MAX_PADDING padding."""
+    chunk: list = []
+    for unit in units:
         if chunk:
-            padded, real = _tokens(grown, layout)
+            grown = [rows for _, _, rows in chunk] + [unit[2]]
+            padded, real = _tokens(grown, layout, width)
             if sum(map(len, grown)) > batch_size or padded > (1 + MAX_PADDING) * real:
                 yield chunk
                 chunk = []
-        chunk.append(i)
+        chunk.append(unit)
     if chunk:
         yield chunk
 

@@ -1,11 +1,13 @@
-"""`cpmctl bench zeroshot-speed`: examples/s of zero-shot scoring, three ways, one run.
+"""`cpmctl bench zeroshot-speed`: examples/s of zero-shot scoring, four ways, one run.
 
 1. cpmctl, batched with the shared context: `score(batch_size=B)`: each example's context
-   once and its K continuations packed behind it in one row (cpmctl.bench.packing), B
-   candidates a forward.
+   once and its K continuations packed behind it, several examples a row
+   (cpmctl.bench.packing), B candidates a forward.
 2. cpmctl, one forward per candidate: `score(batch_size=1, share_context=False)`: every
    candidate's context + continuation its own forward (the baseline of 1).
-3. `lm_eval --model hf`: lm-evaluation-harness's HFLM on the same weights exported with
+3. cpmctl, batched without sharing: `score(batch_size=B, share_context=False)`: B
+   candidates a forward, each its own padded row (what batching alone gives, beside 1).
+4. `lm_eval --model hf`: lm-evaluation-harness's HFLM on the same weights exported with
    `cpmctl model convert --to hf`, over the same examples written as a local lm-eval task
    (lm_eval_adapter.export_choice_task), batch size B.
 
@@ -103,7 +105,9 @@ def bench_zeroshot_speed(*, model: Path | None, recipe: str | None, tokenizer: P
         runs = []
         for way, kwargs in (("cpmctl batched, shared context", dict(batch_size=batch_size)),
                             ("cpmctl one forward per candidate",
-                             dict(batch_size=1, share_context=False))):
+                             dict(batch_size=1, share_context=False)),
+                            ("cpmctl batched, no shared context",
+                             dict(batch_size=batch_size, share_context=False))):
             progress(f"timing {way} on {len(examples)} examples")
             seconds, cpu, scores = _time(
                 lambda k=kwargs: score(network, tok, loaded, examples, **k))
@@ -118,6 +122,7 @@ def bench_zeroshot_speed(*, model: Path | None, recipe: str | None, tokenizer: P
     by_way = {r["way"]: r for r in runs}
     ratios = {}
     for baseline, name in (("cpmctl one forward per candidate", "one forward per candidate"),
+                           ("cpmctl batched, no shared context", "batched, no shared context"),
                            ("lm_eval --model hf", "lm_eval --model hf")):
         if baseline in by_way:
             for clock in ("seconds", "cpu_seconds"):

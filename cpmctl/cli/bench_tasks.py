@@ -172,14 +172,15 @@ def zeroshot_speed(
     data: Path = typer.Option(None, "--data", "-d", help="The task's data (default: its "
                               "package data)."),
     limit: int = typer.Option(64, help="Examples timed per way."),
-    batch_size: int = typer.Option(128, help="Sequences per forward pass (batched ways)."),
+    batch_size: int = typer.Option(128, help="Candidates per forward pass (batched ways)."),
     lm_eval_hf: bool = typer.Option(True, "--hf/--no-hf", help="Also time `lm_eval --model "
                                     "hf` on the weights exported to Hugging Face format."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Examples/s of zero-shot scoring: batched, each context shared by its candidates,
-    against one forward per candidate and against lm-evaluation-harness's hf model on the
-    same weights, in the same run; the accuracies of the ways are shown side by side.
+    against one forward per candidate, against the candidates batched without sharing, and
+    against lm-evaluation-harness's hf model on the same weights, in the same run; the
+    accuracies of the ways are shown side by side.
 
     Example: cpmctl bench zeroshot-speed --recipe cpm1-small --tokenizer work/tokenizer
     """

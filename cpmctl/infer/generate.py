@@ -161,7 +161,7 @@ def _input_embeds(steps) -> torch.Tensor | None:
 class _GptSteps:
     """Prefill and decoding steps of a GPT over a left-padded batch."""
 
-    soft = None  # (soft prompt, slot positions per row) when one is applied
+    soft = None  # (soft prompt, its slots as flat token indices) when one is applied
 
     def __init__(self, model: nn.Module, prompts: list[list[int]], budgets: list[int],
                  pad_id: int, planned_step: bool = True):
@@ -209,7 +209,7 @@ class _GptSteps:
 class _EncDecSteps:
     """The encoder once, then decoder steps from the start token with cached keys/values."""
 
-    soft = None  # (soft prompt, slot positions per row): in the encoder input only
+    soft = None  # (soft prompt, its slots as flat token indices): in the encoder input only
 
     def __init__(self, model: nn.Module, prompts: list[list[int]], budgets: list[int],
                  pad_id: int, decoder_start_id: int):
@@ -270,10 +270,11 @@ def generate_tokens(model: nn.Module, prompts: list[list[int]], settings: Genera
     else:
         start = pad_id if decoder_start_id is None else decoder_start_id
         steps = _EncDecSteps(model, prompts, budgets, pad_id, start)
-    if slots is not None:  # shifted by each row's left padding
+    if slots is not None:  # shifted by each row's left padding, as flat token indices
         longest = steps.ids.shape[1]
-        steps.soft = (soft_prompt, [[s + longest - len(ids) for s in row]
-                                    for ids, row in zip(prompts, slots, strict=True)])
+        steps.soft = (soft_prompt, [[s + longest - len(ids) + i * longest for s in row]
+                                    for i, (ids, row) in enumerate(zip(prompts, slots,
+                                                                       strict=True))])
     device = steps.cache.keys.device
     sampler = Sampler(settings.sampling, texts, vocab_size or model.cfg.vocab_size,
                       [row_seed(settings.seed, first_index + i) for i in range(len(prompts))],

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .dropout import Dropout
 from .layers import (
     GatedGeluFFN,
     RMSNorm,
@@ -143,7 +144,7 @@ class EncoderBlock(nn.Module):
             self.moe = ffn
         else:
             self.moe, self.ln_2, self.ffn = None, norm, ffn
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -167,7 +168,7 @@ class DecoderBlock(nn.Module):
             self.moe = ffn
         else:
             self.moe, self.ln_3, self.ffn = None, norm, ffn
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor,
                 encoder_out: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
@@ -192,7 +193,7 @@ class EncDec(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)  # encoder and decoder input
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(cfg, i == 0) for i in range(cfg.n_layers))
         self.encoder_norm = RMSNorm(cfg.d_model, cfg.eps)
         self.decoder = nn.ModuleList(

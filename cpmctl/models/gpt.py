@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import CpmError
 from .config import ModelConfig
+from .dropout import Dropout
 from .layers import GeluMLP, attention, init_normal, key_padding_mask, merge_heads, split_heads
 from .moe import MoeFFN, moe_aux_loss
 
@@ -65,7 +66,7 @@ class Block(nn.Module):
             self.moe = None
             self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
             self.mlp = GeluMLP(cfg.d_model, cfg.ffn_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 kv: LayerKV | None = None) -> torch.Tensor:
@@ -83,7 +84,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

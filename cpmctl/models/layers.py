@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import Dropout, dropout
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (T5's LayerNorm): scale only, no mean, no bias.
@@ -62,19 +64,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     q_len, k_len = q.shape[-2], k.shape[-2]
     causal = causal and q_len > 1
+    own_dropout = dropout > 0.0 and q.device.type != "cuda"  # see _attention_with_dropout
     # NOTE: SDPA's is_causal aligns top-left, right only when the queries are all the keys
-    if mask is None and bias is None and (not causal or q_len == k_len):
+    if (mask is None and bias is None and (not causal or q_len == k_len)
+            and not own_dropout):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
                                               scale=scale)
     if causal:
         tril = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
         mask = tril if mask is None else mask & tril
+    if own_dropout:
+        return _attention_with_dropout(q, k, v, mask, bias, scale, dropout)
     scores = (bias.to(q.dtype) if bias is not None
               else torch.zeros((), dtype=q.dtype, device=q.device))
     if mask is not None:
         scores = torch.where(mask, scores, torch.finfo(q.dtype).min)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=scores, dropout_p=dropout,
                                           scale=scale)
+
+
+def _attention_with_dropout(q, k, v, mask: torch.Tensor | None, bias: torch.Tensor | None,
+                            scale: float | None, p: float) -> torch.Tensor:
+    """Attention whose probabilities go through cpmctl's dropout (models/dropout.py).
+
+    NOTE: with dropout, SDPA on the CPU takes its unfused math path anyway (its flash kernel
+    has no dropout) and draws an fp32 mask [batch, heads, q, k]; this is the same math with a
+    one-byte mask. The scores stay in the matmul's dtype: softmax accumulates in fp32 for
+    bf16 inputs anyway, and casting [batch, heads, q, k] there and back cost 7% of a bf16
+    CPM-Small training step."""
+    scores = torch.matmul(q * (scale if scale is not None else q.shape[-1] ** -0.5),
+                          k.transpose(-2, -1))
+    if bias is not None:
+        scores = scores.add_(bias)
+    if mask is not None:
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(dropout(probs, p, training=True), v)
 
 
 def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -110,7 +135,7 @@ class GatedGeluFFN(nn.Module):
         self.wi_0 = nn.Linear(d_model, d_ff, bias=False)
         self.wi_1 = nn.Linear(d_model, d_ff, bias=False)
         self.wo = nn.Linear(d_ff, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .dropout import Dropout
 from .layers import RMSNorm
 
 
@@ -110,7 +111,7 @@ class MoeFFN(nn.Module):
         self.norm = make_norm() if make_norm else RMSNorm(cfg.d_model, cfg.eps)
         self.centroids = nn.Parameter(torch.empty(moe.experts, cfg.d_model))
         self.experts = nn.ModuleList(make_expert() for _ in range(moe.experts))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.aux_loss = torch.zeros(())  # Switch balance loss of the last forward (topk only)
 
     def __getstate__(self):

@@ -78,15 +78,14 @@ def _gold_ce(scores: torch.Tensor, sizes: list[int], gold: list[int]) -> torch.T
 
 
 def _ours(spec: BenchSpec, model, prompt, indices: list[int]) -> torch.Tensor:
-    """tune-prompt's forward and loss (its `training_batch`: a choice rule's candidates share
-    one forward of their context)."""
-    from ..bench.scoring import Row
-    from .tune import training_batch
+    """tune-prompt's forward and loss (its `scoring.batch_layout`: a choice rule's
+    candidates share one forward of their context)."""
+    from ..bench.scoring import Row, batch_layout, make_batch
 
     groups = [[Row(list(c) if prompt is not None else list(c[spec.length:]), list(t),
                    list(s) if prompt is not None else [])
                for c, t, s in spec.groups[i]] for i in indices]
-    batch = training_batch(groups, spec.rule, "gpt", spec.pad_id)
+    batch = make_batch(groups, batch_layout(spec.rule, "gpt"), "gpt", spec.pad_id)
     logprob, _ = candidate_losses(model, batch, prompt)
     return _gold_ce(logprob, [len(spec.groups[i]) for i in indices],
                     [spec.gold[i] for i in indices])
@@ -97,23 +96,31 @@ def peft_scores(model, rows: list[tuple[list[int], list[int]]], length: int,
     """PEFT's forward over (context, continuation) rows whose contexts start with `length`
     prompt slots (they are dropped: PEFT prepends its virtual tokens inside): input ids
     right-padded (the last token left out, as cpmctl leaves it: it predicts nothing, and a row
-    then fits the same positions), logits for every position, log-softmax; returns each
-    continuation's summed log-likelihood [R] and token count [R]."""
+    then fits the same positions), transformers' logits for every position; the log-softmax
+    at the continuations' positions only, gathered in one indexing op. Returns each
+    continuation's summed log-likelihood [R] and token count [R].
+
+    NOTE: an earlier version indexed [R, L, V] log-probabilities row by row; the backward of
+    each index allocated and zeroed the whole [R, L, V] gradient, which made PEFT's side
+    several times slower than PEFT itself is."""
     seqs = [(list(c[length:]) + list(t), len(t)) for c, t in rows]
     longest = max(len(s) for s, _ in seqs) - 1
     ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for r, (s, _) in enumerate(seqs):
+    row_of, position, target = [], [], []
+    for r, (s, n) in enumerate(seqs):
         ids[r, :len(s) - 1] = torch.tensor(s[:-1])
         mask[r, :len(s) - 1] = 1
+        for t in range(len(s) - n, len(s)):  # the continuation's tokens
+            row_of.append(r)
+            position.append(length + t - 1)  # the state that predicts token t
+            target.append(s[t])
     logits = model(input_ids=ids, attention_mask=mask).logits  # [R, length + longest, V]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    scores = []
-    for r, (s, n) in enumerate(seqs):
-        positions = torch.arange(len(s) - n, len(s))  # the continuation's tokens
-        predicted = logprobs[r, length + positions - 1]
-        scores.append(predicted.gather(-1, torch.tensor(s)[positions][:, None]).sum())
-    return torch.stack(scores), torch.tensor([n for _, n in seqs])
+    row_of = torch.tensor(row_of)
+    picked = logits[row_of, torch.tensor(position)].float()  # [N, V]
+    logprobs = torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(target)[:, None])[:, 0]
+    sums = torch.zeros(len(seqs), dtype=logprobs.dtype).index_add(0, row_of, logprobs)
+    return sums, torch.tensor([n for _, n in seqs])
 
 
 def _peft(spec: BenchSpec, model, indices: list[int]) -> torch.Tensor:

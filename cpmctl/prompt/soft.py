@@ -5,7 +5,7 @@ their slots in the input (CPM-2's prompt tuning, docs/design.md §8).
     prompt = SoftPrompt(layout, d_model=4096)
     prompt.initialize(model, tokenizer, "mask", seed=0)
     ids, slots = prompt.place([s1_ids, s2_ids])      # placeholder ids + the slot positions
-    embeds = prompt.embed(model, ids_tensor, slots)  # word embeddings, slot rows replaced
+    embeds = prompt.embed(model, ids_tensor, slots)  # slots: flat token indices
 
 Where the slots go: a position is three counts (front, middle, back) that sum to the length.
 Front slots come before the first input part, middle slots between the first and the second
@@ -147,15 +147,16 @@ class SoftPrompt(nn.Module):
         return ids, slots
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor,
-              slot_positions: torch.Tensor | list[list[int]]) -> torch.Tensor:
-        """The word embeddings of `input_ids` [batch, seq] with row k of the table at
-        `slot_positions[b][k]`; gradients reach the table only (scatter keeps them)."""
+              slots: torch.Tensor | list[list[int]]) -> torch.Tensor:
+        """The word embeddings of `input_ids` [batch, seq] with row k of the table at token
+        `slots[e][k]` of the flattened [batch * seq] ids, for each of E examples (one a row,
+        or several in a packed row); gradients reach the table only."""
         embeds = word_embedding(model)(input_ids)
-        positions = torch.as_tensor(slot_positions, dtype=torch.long, device=embeds.device)
-        if positions.ndim != 2 or positions.shape != (embeds.shape[0], self.length):
-            raise ValueError(f"slot_positions must be [batch, {self.length}], got "
-                             f"{tuple(positions.shape)}")
+        slots = torch.as_tensor(slots, dtype=torch.long, device=embeds.device)
+        if slots.ndim != 2 or slots.shape[1] != self.length:
+            raise ValueError(f"slots must be [examples, {self.length}], got "
+                             f"{tuple(slots.shape)}")
         rows = self.table.to(device=embeds.device, dtype=embeds.dtype)
-        rows = rows.unsqueeze(0).expand(embeds.shape[0], -1, -1)
-        index = positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
-        return embeds.scatter(1, index, rows)
+        flat = embeds.reshape(-1, embeds.shape[-1]).index_put(
+            (slots.reshape(-1),), rows.repeat(slots.shape[0], 1))
+        return flat.view_as(embeds)

@@ -11,7 +11,7 @@ PT -> FT), or, without a starting prompt, the whole model alone (full fine-tunin
 The objective is the task's own scoring rule made differentiable: every candidate of an
 example goes through `cpmctl.bench.scoring.candidate_losses` (the same tokenisation, placement
 and forward pass as `cpmctl bench run --prompt`; the choice/span rules' candidates share one
-forward of their common context, `training_batch`), its score is the rule's (cpm1: the mean
+forward of their common context, `scoring.batch_layout`), its score is the rule's (cpm1: the mean
 log-likelihood per continuation token; choice/span: the summed log-likelihood), and the loss
 is the cross-entropy of the gold candidate among them. Validation accuracy is the task's
 metric (`acc`) computed by `cpmctl.bench.scoring.score`; early stopping keeps the best prompt.
@@ -39,16 +39,13 @@ from torch import nn
 
 from ..artifacts import ArtifactWriter, digest_path, open_artifact
 from ..bench.scoring import (
-    FlatBatch,
-    Row,
-    SharedBatch,
+    batch_layout,
     candidate_losses,
     encode_candidate,
     fit_group,
-    flat_batch,
+    make_batch,
     make_row,
     score,
-    shared_batch,
 )
 from ..bench.tasks import load_task
 from ..bench.tasks.format import CHOICE, template_fields
@@ -219,16 +216,6 @@ class _Rows:
                            f"({cfg.max_positions} positions) beside the prompt")
 
 
-def training_batch(groups: list[list[Row]], rule: str, arch: str, pad_id: int,
-                   sentinel_id: int | None = None) -> FlatBatch | SharedBatch:
-    """The batch one training forward scores, as `cpmctl bench run` batches the rule: the
-    choice/span rules' candidates share their context (computed once for the K of them, the
-    gradient flowing back through it), cpm1's differ in the context and get a row each."""
-    if rule in ("choice", "span"):
-        return shared_batch(groups, arch, pad_id, sentinel_id, pad_id)
-    return flat_batch([r for g in groups for r in g], arch, pad_id, pad_id, sentinel_id)
-
-
 def _check_room(task, tokenizer, cfg, length: int) -> None:
     """A prompt must leave room for the task's template and at least one token of input."""
     if cfg.arch != "gpt":
@@ -386,8 +373,9 @@ class Tuner:
     def _loss(self, indices: list[int]) -> torch.Tensor:
         """Summed cross-entropy of the gold candidates of these examples."""
         sentinel = self.tokenizer.sentinel_id(0) if self.cfg.arch == "encdec" else None
-        batch = training_batch([self.train.rows[i] for i in indices], self.task.rule,
-                               self.cfg.arch, self.tokenizer.pad_id, sentinel)
+        batch = make_batch([self.train.rows[i] for i in indices],
+                           batch_layout(self.task.rule, self.cfg.arch), self.cfg.arch,
+                           self.tokenizer.pad_id, sentinel)
         with self._autocast():
             logprob, counts = (self.engine.forward_module(batch) if self.deepspeed
                                else candidate_losses(self.model, batch, self.prompt))
