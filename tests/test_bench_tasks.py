@@ -498,3 +498,24 @@ def test_zeroshot_speed_times_four_ways_that_score_alike(tiny, cli, tmp_path):
         other = score(model, tok, loaded, examples, share_context=False, **kwargs)
         for a, b in zip(packed, other, strict=True):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and a.tokens == b.tokens
+
+
+def test_packed_examples_close_a_batch_on_size_only(tiny, tmp_path, monkeypatch):
+    """The task is packed into rows first, so a batch of packed examples closes when it holds
+    --batch-size candidates, not because a row it has only begun looks like padding."""
+    import cpmctl.bench.scoring as scoring
+
+    records = [dict(IDIOMS[0], before="真的" * (30 if i == 0 else 1 + i % 4)) for i in range(24)]
+    task = load_task(write_task(tmp_path / "i.toml", IDIOM_TASK))
+    examples = task.read_examples(write_lines(tmp_path / "i.jsonl", records))
+    shapes = []
+    forward = scoring.candidate_losses
+
+    def counted(model, batch, prompt=None, **kwargs):
+        shapes.append(tuple(batch.input_ids.shape))
+        return forward(model, batch, prompt, **kwargs)
+
+    monkeypatch.setattr(scoring, "candidate_losses", counted)
+    scored = score(tiny["gpt_model"], tiny["gpt_tok"], task, examples, batch_size=36)
+    assert len(scored) == 24 and len(shapes) == 2  # 72 candidates, 36 a batch
+    assert sum(rows for rows, _ in shapes) < 24  # several examples share a row

@@ -462,7 +462,7 @@ def score(model, tokenizer, task: Task, examples: list[Example], *, batch_size: 
     sentinel = tokenizer.sentinel_id(0) if arch == "encdec" else None
     done = 0
     with torch.inference_mode():
-        for chunk in _chunks(units, batch_size, layout, width):
+        for chunk in _chunks(units, batch_size, layout):
             batch = make_batch([rows for _, _, rows in chunk], layout, arch, tokenizer.pad_id,
                                sentinel, width)
             logprob, count = (t.tolist() for t in candidate_losses(model, batch, prompt))
@@ -494,13 +494,10 @@ def _padding_key(rows: list[Row], layout: str) -> tuple[int, ...]:
 MAX_PADDING = 0.5
 
 
-def _tokens(groups: list[list[Row]], layout: str, width: int | None) -> tuple[int, int]:
-    """(padded, real) tokens of a batch of examples' rows, as flat_batch / packed_batch /
-    shared_batch pad them."""
+def _tokens(groups: list[list[Row]], layout: str) -> tuple[int, int]:
+    """(padded, real) tokens of a batch of examples' rows, as flat_batch / shared_batch pad
+    them."""
     rows = [r for g in groups for r in g]
-    if layout == "packed":
-        lengths = [packed_length(g) for g in groups]
-        return len(pack_rows(lengths, width)) * (width or max(lengths)), sum(lengths)
     if layout == "shared":
         tails = [len(r.continuation) for r in rows]
         contexts = [len(g[0].context) for g in groups]
@@ -510,15 +507,23 @@ def _tokens(groups: list[list[Row]], layout: str, width: int | None) -> tuple[in
     return len(rows) * max(lengths), sum(lengths)
 
 
-def _chunks(units: list, batch_size: int, layout: str, width: int | None):
+def _too_padded(groups: list[list[Row]], layout: str) -> bool:
+    """More than MAX_PADDING padding. Never for packed examples: they come already packed
+    into rows (score), and a row that a batch has only begun would count as padding."""
+    if layout == "packed":
+        return False
+    padded, real = _tokens(groups, layout)
+    return padded > (1 + MAX_PADDING) * real
+
+
+def _chunks(units: list, batch_size: int, layout: str):
     """Units (see score) in batches of at most `batch_size` candidates (at least one unit
-    a batch) and at most MAX_PADDING padding."""
+    a batch) and not _too_padded."""
     chunk: list = []
     for unit in units:
         if chunk:
             grown = [rows for _, _, rows in chunk] + [unit[2]]
-            padded, real = _tokens(grown, layout, width)
-            if sum(map(len, grown)) > batch_size or padded > (1 + MAX_PADDING) * real:
+            if sum(map(len, grown)) > batch_size or _too_padded(grown, layout):
                 yield chunk
                 chunk = []
         chunk.append(unit)
