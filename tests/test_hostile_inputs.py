@@ -534,8 +534,10 @@ def test_a_failed_kernel_build_warns_once_with_the_compilers_words(tmp_path):
 
 
 def test_packed_layers_fall_back_when_the_mkldnn_ops_misbehave(monkeypatch):
-    from cpmctl.infer import packed
+    from cpmctl.infer import int8_kernel, packed
 
+    monkeypatch.setenv(int8_kernel.KERNEL_ENV, "torch")  # no cpmctl kernel: oneDNN's or none
+    int8_kernel.library.cache_clear()
     packed._probe.cache_clear()
 
     def broken(*args, **kwargs):
@@ -547,6 +549,8 @@ def test_packed_layers_fall_back_when_the_mkldnn_ops_misbehave(monkeypatch):
         assert isinstance(model[0], torch.nn.Linear)
     finally:
         packed._probe.cache_clear()
+        monkeypatch.undo()
+        int8_kernel.library.cache_clear()
 
 
 # --- 8. GPU paths (checked on the CPU) ------------------------------------------------------

@@ -15,8 +15,8 @@ and the CPU, and loaded with ctypes; it runs its threads in the OpenMP runtime P
 already loaded (the same libgomp), as many as `torch.get_num_threads()`. Where there is no
 compiler, no AVX2, or the build fails, `library()` is None and quantize.py uses PyTorch's
 kernel; `CPMCTL_INT8_KERNEL=torch` forces that (to compare the two; it also turns off the
-library's other kernel, generation's attention, attend.c). A build that fails warns
-once, with the compiler's last lines.
+library's other kernels: generation's attention, attend.c, and the fp32/bf16 matmul,
+dense_matmul.c). A build that fails warns once, with the compiler's last lines.
 
 C trusts its pointers, so `matmul` checks every argument against the layer's shapes, dtypes and
 device first (an input wider than the layer would otherwise be read and written past its
@@ -40,10 +40,11 @@ import torch
 
 from cpmctl.console import warn
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8_matmul.c", "attend.c"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("int8_matmul.c", "attend.c", "dense_matmul.c"))
 HEADERS = (Path(__file__).with_name("bf16.h"),)
-"""Built into one library: the int8 matmul and the attention of generation's planned steps
-(attention_kernel.py)."""
+"""Built into one library: the int8 matmul, the attention of generation's planned steps
+(attention_kernel.py) and the fp32/bf16 matmul of inference's linear layers (packed.py)."""
 KERNEL_ENV, MARCH_ENV = "CPMCTL_INT8_KERNEL", "CPMCTL_INT8_MARCH"
 TORCH = "torch _weight_int8pack_mm"
 
@@ -77,6 +78,11 @@ def library() -> ctypes.CDLL | None:
     lib.cpmctl_int8_matmul.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.cpmctl_dense_layout.restype = ctypes.c_int
+    lib.cpmctl_dense_matmul.restype = ctypes.c_int
+    lib.cpmctl_dense_matmul.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cpmctl_attend.restype = ctypes.c_int
     lib.cpmctl_attend.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,

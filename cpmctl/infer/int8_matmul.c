@@ -25,7 +25,8 @@
 
 #define ROWS 4        /* output channels per packed block */
 #define COLS 32       /* inputs per slice */
-#define PREFETCH 512  /* bytes ahead of the slice being read */
+#define PREFETCH 4096 /* bytes ahead of the slice being read (on a 2-core Zen 5 VM, a CPM-Small
+                       * token's matmuls stream at 25 GB/s with 512, 42 GB/s with 4096) */
 #define TINY 1e-30f   /* the smallest max |x| of a row that is not taken for zeros */
 
 /* The vector back-end: ivec holds STEP int16 (as int32 lanes after a dot), fvec as many fp32
