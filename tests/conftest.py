@@ -48,17 +48,17 @@ def run_subprocess(*args: str, input: bytes | None = None, timeout: float = 120,
 def int8_kernel_choice(request, monkeypatch):
     """Run an int8 test once with cpmctl's kernel and once with PyTorch's: the kernel name.
     The native one is skipped only on a machine that cannot build it (no compiler or AVX2)."""
-    from cpmctl.infer import int8_kernel
+    from cpmctl.kernels import int8, library
 
     if request.param == "torch":
-        monkeypatch.setenv(int8_kernel.KERNEL_ENV, "torch")
-    int8_kernel.library.cache_clear()
-    name = int8_kernel.kernel_name()
-    if request.param == "native" and name == int8_kernel.TORCH:
+        monkeypatch.setenv(library.KERNEL_ENV, "torch")
+    library.load.cache_clear()
+    name = int8.kernel_name()
+    if request.param == "native" and name == int8.TORCH:
         pytest.skip("cpmctl's int8 kernel cannot be built here (no C compiler or AVX2)")
     yield name
     monkeypatch.undo()
-    int8_kernel.library.cache_clear()
+    library.load.cache_clear()
 
 
 #: A two-label task in the benchmark format (the reviews' label word before the review), shared

@@ -1,6 +1,7 @@
-"""cpmctl's fp32/bf16 matmul (dense_matmul.c through packed.py): against a float64 product for
-every row-count tail and ragged shape, independent of the batch to the bit, and refusing what it
-would read past."""
+"""cpmctl's fp32/bf16 matmul (dense_matmul.c through kernels/dense.py): inference's packed
+layers against a float64 product for every row-count tail and ragged shape, independent of the
+batch to the bit, refusing what they would read past; training's fp32 linear and its gradients
+against float64, and where it hands over to F.linear."""
 
 from __future__ import annotations
 
@@ -8,19 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpmctl.infer import int8_kernel, packed
+from cpmctl.infer import packed
 from cpmctl.infer.packed import CPMCTL, PackedLinear
+from cpmctl.kernels import dense, library
 
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def dtype(request, monkeypatch):
     """A dtype the dense kernel runs here (skipped where this CPU or build has none for it)."""
-    monkeypatch.delenv(int8_kernel.KERNEL_ENV, raising=False)
-    int8_kernel.library.cache_clear()
+    monkeypatch.delenv(library.KERNEL_ENV, raising=False)
+    library.load.cache_clear()
     if packed.kernel_for(request.param) != CPMCTL:
         pytest.skip(f"no cpmctl dense kernel for {request.param} here (needs AVX-512)")
     yield request.param
-    int8_kernel.library.cache_clear()
+    library.load.cache_clear()
 
 
 def layer(out_features, in_features, dtype, bias=True, seed=0):
@@ -67,9 +69,9 @@ def test_dense_matmul_refuses_what_it_would_read_past(dtype):
         with pytest.raises(ValueError, match=what):
             ours(x)
     with pytest.raises(ValueError, match="packed weight"):
-        packed.check_layer(ours.packed[:1], ours.bias, 40, 24)
+        dense.check_layer(ours.packed[:1], ours.bias, 40, 24)
     with pytest.raises(ValueError, match="bias"):
-        packed.check_layer(ours.packed, ours.bias[:3], 40, 24)
+        dense.check_layer(ours.packed, ours.bias[:3], 40, 24)
 
 
 def test_the_dense_op_traces_through_its_fake(dtype):
@@ -77,3 +79,43 @@ def test_the_dense_op_traces_through_its_fake(dtype):
     with torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True):
         y = torch.ops.cpmctl.dense_matmul(torch.empty(3, 24, dtype=dtype), ours.packed, None, 40)
     assert y.shape == (3, 40) and y.dtype == dtype
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (70, 33), (1000, 96)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_linear_and_its_gradients_are_the_products(shape, bias, monkeypatch):
+    """dense.linear's forward and its three gradients against float64 autograd, for ragged
+    widths (a plain B's last panel is read masked) and batched inputs."""
+    monkeypatch.delenv(library.KERNEL_ENV, raising=False)
+    library.load.cache_clear()
+    if torch.float32 not in dense.dtypes():
+        pytest.skip("no cpmctl fp32 kernel here (needs AVX-512)")
+    torch.manual_seed(1)
+    out_features, in_features = shape
+    x = torch.randn(3, 29, in_features, requires_grad=True)  # 87 rows: past MIN_ROWS
+    weight = torch.randn(out_features, in_features, requires_grad=True)
+    b = torch.randn(out_features, requires_grad=True) if bias else None
+    leaves = [x, weight] + ([b] if bias else [])
+    grad = torch.randn(3, 29, out_features)
+    ours = dense.linear(x, weight, b)
+    assert type(ours.grad_fn).__name__ == "_LinearBackward"  # the kernel's, not F.linear's
+    got = torch.autograd.grad(ours, leaves, grad)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    want_y = F.linear(doubles[0], doubles[1], doubles[2] if bias else None)
+    want = torch.autograd.grad(want_y, doubles, grad.double())
+    torch.testing.assert_close(ours.double(), want_y, atol=1e-4, rtol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, atol=1e-3, rtol=1e-5)
+    library.load.cache_clear()
+
+
+def test_training_linear_hands_over_to_f_linear_where_the_kernel_does_not_pay():
+    weight = torch.randn(8, 16)
+    for x, why in ((torch.randn(4, 16), "too few rows"),
+                   (torch.randn(100, 16, dtype=torch.float64), "not fp32")):
+        y = dense.linear(x, weight.to(x.dtype))
+        assert torch.equal(y, F.linear(x, weight.to(x.dtype))), why
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dense.linear(torch.randn(100, 16), weight).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError):  # F.linear's own error for mismatched widths
+        dense.linear(torch.randn(100, 15), weight)

@@ -18,7 +18,7 @@ from cpmctl.data.build import BuildSettings, build_corpus
 from cpmctl.data.samples import open_dataset
 from cpmctl.data.tokenize import tokenize_corpus
 from cpmctl.infer import load_for_inference, perplexity
-from cpmctl.infer.int8_kernel import kernel_name
+from cpmctl.kernels.int8 import kernel_name
 from cpmctl.models import ModelConfig, build_model
 from cpmctl.models.artifact import save_model
 from cpmctl.quickstart import package_dir

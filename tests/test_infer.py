@@ -20,7 +20,6 @@ from cpmctl.infer import (
     SamplingSettings,
     TextGenerator,
     generate_tokens,
-    int8_kernel,
     perplexity,
     quantize_int8,
 )
@@ -28,6 +27,7 @@ from cpmctl.infer.infill import encode_infill, fill
 from cpmctl.infer.load import prepare_for_inference
 from cpmctl.infer.packed import PackedLinear, kernel_for
 from cpmctl.infer.sampling import apply_repetition_penalty, candidates
+from cpmctl.kernels import int8
 from cpmctl.models import MoeConfig, build_model
 from cpmctl.tokenizer.base import SPECIAL_NAMES, SPECIAL_PIECES, Tokenizer
 from tests.test_models import encdec_cfg, gpt_cfg, hf_gpt2, perturb_norms
@@ -406,14 +406,14 @@ def test_int8_model_is_close_to_bf16(arch, int8_kernel_choice):
     args = (ids,) if arch == "gpt" else (ids, ids[:, :6])
     with torch.no_grad():
         reference = model(*args)
-        int8 = quantize_int8(model)(*args).float()
+        quantized = quantize_int8(model)(*args).float()
     assert isinstance(model.lm_head, Int8Linear) and model.lm_head.kernel == int8_kernel_choice
-    if int8_kernel_choice != int8_kernel.TORCH:  # fp32 scales: .to(bf16) came before them
+    if int8_kernel_choice != int8.TORCH:  # fp32 scales: .to(bf16) came before them
         assert model.lm_head.scales.dtype == torch.float32
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     if arch == "gpt":
         assert model.wte.weight.dtype == torch.bfloat16  # the tied table stays for lookups
-    assert (int8 - reference).abs().max() < 0.05 * reference.abs().max()
+    assert (quantized - reference).abs().max() < 0.05 * reference.abs().max()
     assert tokens_of(model, [ids[0].tolist()], settings(8))  # and it generates
 
 
@@ -428,8 +428,8 @@ def test_perplexity_is_exp_of_the_mean_loss_and_int8_stays_close(int8_kernel_cho
     expected = math.exp(sum(loss.item() for loss in losses) / 256)
     assert perplexity(model, ids, batch_size=3) == pytest.approx(expected, rel=1e-5)
     bf16 = perplexity(model.to(torch.bfloat16), ids)
-    int8 = perplexity(quantize_int8(varied_gpt(14)), ids)
-    assert abs(int8 / bf16 - 1) < 0.02
+    quantized = perplexity(quantize_int8(varied_gpt(14)), ids)
+    assert abs(quantized / bf16 - 1) < 0.02
     with pytest.raises(CpmError, match="needs at least 65 tokens"):
         perplexity(model, ids[:10])
 

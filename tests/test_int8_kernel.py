@@ -12,24 +12,24 @@ import pytest
 import torch
 
 from cpmctl.errors import CpmError
-from cpmctl.infer import int8_kernel
 from cpmctl.infer.quantize import Int8Linear, quantize_int8
+from cpmctl.kernels import int8, library
 
 
 @pytest.fixture(params=["native", "x86-64-v3"])
 def native(request, monkeypatch):
     """cpmctl's kernel built for this CPU, and for AVX2 alone (x86-64-v3: what a CPU without
     AVX-512 VNNI runs); skipped only on a machine that cannot build it."""
-    monkeypatch.delenv(int8_kernel.KERNEL_ENV, raising=False)
-    monkeypatch.setenv(int8_kernel.MARCH_ENV, request.param)
-    int8_kernel.library.cache_clear()
-    if int8_kernel.library() is None:
+    monkeypatch.delenv(library.KERNEL_ENV, raising=False)
+    monkeypatch.setenv(library.MARCH_ENV, request.param)
+    library.load.cache_clear()
+    if library.load() is None:
         pytest.skip(f"cpmctl's int8 kernel cannot be built here for {request.param}")
     if request.param == "x86-64-v3":
-        assert int8_kernel.kernel_name() == "cpmctl avx2"
+        assert int8.kernel_name() == "cpmctl avx2"
     yield
     monkeypatch.undo()
-    int8_kernel.library.cache_clear()
+    library.load.cache_clear()
 
 
 def exact(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
@@ -91,9 +91,9 @@ def test_long_rows_of_extreme_values_do_not_overflow(native):
 
 def test_pack_and_unpack_are_inverse(native):
     q = torch.randint(-127, 128, (10, 70), dtype=torch.int8)
-    packed = int8_kernel.pack(q)
+    packed = int8.pack(q)
     assert packed.shape == (3, 3, 4, 32)  # 10 rows -> 3 blocks of 4, 70 inputs -> 3 slices
-    assert torch.equal(int8_kernel.unpack(packed, 10, 70), q)
+    assert torch.equal(int8.unpack(packed, 10, 70), q)
     assert packed.view(-1)[:32].tolist() == q[0, :32].tolist()  # a block's first slice, row 0
     assert packed.view(-1)[32:64].tolist() == q[1, :32].tolist()  # ... then row 1
 
@@ -104,33 +104,33 @@ def test_both_kernels_agree(native, monkeypatch):
     x = torch.randn(5, 96).bfloat16()
     with torch.no_grad():
         ours = Int8Linear.from_linear(linear)
-        assert ours.kernel == int8_kernel.kernel_name() != int8_kernel.TORCH
+        assert ours.kernel == int8.kernel_name() != int8.TORCH
         ours = ours(x).float()
-        monkeypatch.setenv(int8_kernel.KERNEL_ENV, "torch")
-        int8_kernel.library.cache_clear()
+        monkeypatch.setenv(library.KERNEL_ENV, "torch")
+        library.load.cache_clear()
         theirs = Int8Linear.from_linear(linear)(x).float()
     assert (ours - theirs).abs().max() < 0.01 * theirs.abs().max()
 
 
 def test_the_build_is_cached_and_leaves_no_partial_file(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    int8_kernel.library.cache_clear()
-    if int8_kernel.library() is None:
+    library.load.cache_clear()
+    if library.load() is None:
         pytest.skip("cpmctl's int8 kernel cannot be built here (no C compiler or AVX-512 VNNI)")
     built = list((tmp_path / "cpmctl" / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
-    int8_kernel.library.cache_clear()
-    assert int8_kernel.library() is not None
+    library.load.cache_clear()
+    assert library.load() is not None
     assert [p.stat().st_mtime_ns for p in built[0].parent.iterdir()] == [stamp]  # not rebuilt
-    int8_kernel.library.cache_clear()
+    library.load.cache_clear()
     # damaged (a full disk): dropped, then rebuilt. In a new file and a new process: this one
     # has the library mapped (writing into it would crash us) and dlopen would reuse that.
     damaged = tmp_path / "damaged"
     damaged.write_bytes(b"not a library")
     damaged.replace(built[0])
-    probe = ("from cpmctl.infer import int8_kernel as k\n"
-             "print(k.library() is None, k.library.cache_clear() or k.library() is not None)")
+    probe = ("from cpmctl.kernels import library as k\n"
+             "print(k.load() is None, k.load.cache_clear() or k.load() is not None)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)}, timeout=120)
     assert done.stdout.split() == ["True", "True"], done.stderr
@@ -142,14 +142,14 @@ def test_without_a_working_compiler_int8_runs_on_pytorchs_kernel(monkeypatch, tm
                                                                    compiler):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", compiler)
-    int8_kernel.library.cache_clear()
+    library.load.cache_clear()
     try:
-        assert int8_kernel.kernel_name() == int8_kernel.TORCH
+        assert int8.kernel_name() == int8.TORCH
         layer = Int8Linear.from_linear(torch.nn.Linear(64, 8))
-        assert layer.kernel == int8_kernel.TORCH and layer.weight.shape == (8, 64)
+        assert layer.kernel == int8.TORCH and layer.weight.shape == (8, 64)
         assert not list(tmp_path.rglob("*.so*"))  # a failed build leaves nothing behind
     finally:
-        int8_kernel.library.cache_clear()
+        library.load.cache_clear()
 
 
 def test_input_sizes_pytorchs_kernel_cannot_take(int8_kernel_choice):
@@ -158,7 +158,7 @@ def test_input_sizes_pytorchs_kernel_cannot_take(int8_kernel_choice):
     torch.manual_seed(4)
     model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.Linear(24, 8))
     x = torch.randn(2, 40)
-    if int8_kernel_choice == int8_kernel.TORCH:
+    if int8_kernel_choice == int8.TORCH:
         with pytest.raises(CpmError, match=r"layer 0 has 40 inputs; .* multiple of 16"):
             quantize_int8(model)
         return

@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
-from cpmctl.infer import KVCache, attention_kernel, generate_tokens, int8_kernel
+from cpmctl.infer import KVCache, generate_tokens
 from cpmctl.infer.load import prepare_for_inference
 from cpmctl.infer.planned import PlannedGpt
+from cpmctl.kernels import attention, library
 from cpmctl.models import MoeConfig
 from tests.test_infer import settings, tokens_of, varied_gpt
 
@@ -19,12 +20,12 @@ from tests.test_infer import settings, tokens_of, varied_gpt
 @pytest.fixture
 def kernels(monkeypatch):
     """cpmctl's kernel library, built for this CPU (skipped where it cannot be built)."""
-    monkeypatch.delenv(int8_kernel.KERNEL_ENV, raising=False)
-    int8_kernel.library.cache_clear()
-    if not attention_kernel.available():
+    monkeypatch.delenv(library.KERNEL_ENV, raising=False)
+    library.load.cache_clear()
+    if not attention.available():
         pytest.skip("cpmctl's kernel library cannot be built here (no C compiler or AVX2)")
     yield
-    int8_kernel.library.cache_clear()
+    library.load.cache_clear()
 
 
 def reference(qkv, keys, values, length, mask):
@@ -55,7 +56,7 @@ def test_attention_kernel_matches_pytorchs(kernels, act, cache, new):
     mask[2, length] = 0  # a finished row's new position
     mask[0, :length + new] = 0  # nothing to attend: zeros
     before_k, before_v = keys.clone(), values.clone()
-    out = attention_kernel.attend(qkv, keys, values, length, mask)
+    out = attention.attend(qkv, keys, values, length, mask)
     assert out.shape == (batch, new, heads * d_head) and out.dtype == act
     split = qkv.view(batch, new, 3, heads, d_head).permute(0, 2, 3, 1, 4)  # [b, 3, h, new, d]
     before_k[:, :, length:length + new] = split[:, 1].to(cache)
@@ -65,7 +66,7 @@ def test_attention_kernel_matches_pytorchs(kernels, act, cache, new):
     tolerance = 1e-5 if act == torch.float32 else 2 ** -7
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
     assert not out[0].any()
-    again = attention_kernel.attend(qkv, keys.clone(), values.clone(), length, None)
+    again = attention.attend(qkv, keys.clone(), values.clone(), length, None)
     torch.testing.assert_close(again.double(), reference(qkv, keys, values, length, None),
                                atol=tolerance, rtol=tolerance)
 
@@ -87,7 +88,7 @@ def test_attention_kernel_refuses_what_it_would_read_past(kernels):
     ]
     for qkv_, keys_, values_, length, mask, message in cases:
         with pytest.raises(ValueError, match=message):
-            attention_kernel.attend(qkv_, keys_, values_, length, mask)
+            attention.attend(qkv_, keys_, values_, length, mask)
 
 
 def test_attention_kernel_op_schema(kernels):
@@ -175,13 +176,13 @@ def test_without_a_plan_generation_runs_the_module_forward(kernels, monkeypatch)
     moe = prepare_for_inference(varied_gpt(5, moe=MoeConfig(experts=4)))
     assert PlannedGpt.plan(moe) is None
     assert len(tokens_of(moe, [[1, 2, 3]], settings(5))[0]) == 5
-    monkeypatch.setenv(int8_kernel.KERNEL_ENV, "torch")  # no kernel library: PyTorch only
-    int8_kernel.library.cache_clear()
+    monkeypatch.setenv(library.KERNEL_ENV, "torch")  # no kernel library: PyTorch only
+    library.load.cache_clear()
     model = prepare_for_inference(varied_gpt(16))
     assert PlannedGpt.plan(model) is None
     through_modules = tokens_of(model, [[3, 1, 4]], settings(12))
-    monkeypatch.delenv(int8_kernel.KERNEL_ENV)
-    int8_kernel.library.cache_clear()
+    monkeypatch.delenv(library.KERNEL_ENV)
+    library.load.cache_clear()
     assert PlannedGpt.plan(model) is not None
     assert tokens_of(model, [[3, 1, 4]], settings(12)) == through_modules
 

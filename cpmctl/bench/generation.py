@@ -164,7 +164,7 @@ def measure(spec: dict) -> dict:
         "first_tokens": tokens[0][:8],
     }
     if spec["precision"] == "int8":
-        from cpmctl.infer.int8_kernel import kernel_name
+        from cpmctl.kernels.int8 import kernel_name
 
         record["int8_kernel"] = kernel_name()
     return record

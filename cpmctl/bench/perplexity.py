@@ -46,8 +46,8 @@ def bench_perplexity(*, model: str, dataset: str, split: str, max_tokens: int,
                      progress: Callable[[str], None]) -> dict:
     """Perplexity per precision and its change against bf16."""
     from cpmctl.infer import load_for_inference, perplexity
-    from cpmctl.infer.int8_kernel import kernel_name
     from cpmctl.infer.load import PRECISIONS
+    from cpmctl.kernels.int8 import kernel_name
 
     ids = _held_out(model, dataset, split, max_tokens)
     runs = []

@@ -14,10 +14,11 @@ Benchmarks time the token level on any fp32 model:
     result.prefill_s, result.decode_s, result.tokens_per_s, result.rows[0].tokens
 
 Modules, bottom up: cache.py (the KV cache), sampling.py (next-token choice), planned.py (a
-GPT's prefill and decoding steps planned once, with attention_kernel.py's C attention),
+GPT's prefill and decoding steps planned once, with cpmctl's C attention, kernels/attention.py),
 generate.py (token ids in, token ids and timings out), text.py and infill.py (prompts and
-completions), packed.py and quantize.py (weight layouts for the CPU: oneDNN-packed fp32/bf16, int8),
-load.py (artifact -> model in a precision), perplexity.py (held-out quality of a precision).
+completions), packed.py and quantize.py (weight layouts for the CPU's kernels: fp32/bf16,
+int8), load.py (artifact -> model in a precision), perplexity.py (held-out quality of a
+precision).
 """
 
 from cpmctl.infer.cache import KVCache

@@ -7,7 +7,7 @@
 Precisions: fp32 (exact, the default), bf16 (weights and activations: ~1.7x fp32's decoding
 speed on a CPU with native bf16, CPM-Small here), or int8 weights with bf16 activations
 (quantize.py: half of bf16's weight memory; ~2x bf16's decoding speed here with cpmctl's own
-kernel, int8_kernel.py).
+kernel, int8.py).
 """
 
 from __future__ import annotations

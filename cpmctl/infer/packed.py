@@ -6,7 +6,7 @@ bound by how fast the weights stream from memory. nn.Linear hands the plain [out
 the BLAS on every call, which streams it at a third of the memory's speed here. Two kernels do
 better, chosen per layer when it is made (`PackedLinear.kernel`):
 
-- cpmctl's own (dense_matmul.c, in the kernel library int8_kernel.py builds), where the CPU
+- cpmctl's own (kernels/dense.py), where the CPU
   has AVX-512 (and AVX-512 BF16 for bf16): the weight in panels of 32 output channels, each a
   run read front to back once per 12 input rows. A CPM-Small token's 49 matmuls (432 MB in
   fp32) stream at 41 GB/s here, the machine's bandwidth (oneDNN: 30; nn.Linear: ~15), and a
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpmctl.console import warn
-from cpmctl.infer import int8_kernel
+from cpmctl.kernels import dense
 
 CPMCTL, ONEDNN = "cpmctl", "onednn"
 
@@ -60,14 +60,14 @@ class PackedLinear(nn.Module):
         # it were a weight, and state_dict() cannot handle oneDNN's opaque tensor
         self.bias = None if linear.bias is None else linear.bias.detach()
         if kernel == CPMCTL:
-            self.packed = pack(weight)
-            check_layer(self.packed, self.bias, self.out_features, self.in_features)
+            self.packed = dense.pack(weight)
+            dense.check_layer(self.packed, self.bias, self.out_features, self.in_features)
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == CPMCTL:
-            return matmul(x, self.packed, self.bias, self.out_features, self.in_features)
+            return dense.matmul(x, self.packed, self.bias, self.out_features, self.in_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def step_function(self):
@@ -77,7 +77,8 @@ class PackedLinear(nn.Module):
         cpmctl's op is called without matmul's per-call checks."""
         packed, bias, out = self.packed, self.bias, self.out_features
         if self.kernel == CPMCTL:
-            return lambda x: _OP(x, packed, bias, out)
+            op = dense.OP
+            return lambda x: op(x, packed, bias, out)
         op = torch.ops.mkldnn._linear_pointwise
         return lambda x: op(x, packed, bias, "none", [], "")
 
@@ -89,7 +90,7 @@ class PackedLinear(nn.Module):
 def kernel_for(dtype: torch.dtype) -> str | None:
     """Which kernel a PackedLinear of `dtype` runs here: CPMCTL, ONEDNN or None (none works:
     keep nn.Linear)."""
-    if dtype in _dense_dtypes():
+    if dtype in dense.dtypes():
         return CPMCTL
     if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
         return None
@@ -106,97 +107,6 @@ def pack_linears(model: nn.Module) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, PackedLinear(module, kernel))
     return model
-
-
-# --- cpmctl's kernel ------------------------------------------------------------------------
-
-def _dense_dtypes() -> tuple[torch.dtype, ...]:
-    """The dtypes the kernel library's dense matmul was built for on this CPU (none without
-    AVX-512; fp32 only without AVX-512 BF16)."""
-    lib = int8_kernel.library()
-    layout = 0 if lib is None else lib.cpmctl_dense_layout()
-    if not layout:
-        return ()
-    return (torch.float32, torch.bfloat16) if layout >> 16 & 1 else (torch.float32,)
-
-
-def _panel() -> int:
-    return int8_kernel.library().cpmctl_dense_layout() & 0xFFFF
-
-
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] → panels of `_panel()` output channels, zero-padded: fp32 [panels, in, NR];
-    bf16 [panels, in / 2, NR, 2] (in rounded up to even), as dense_matmul.c reads them."""
-    nr = _panel()
-    out_features, in_features = weight.shape
-    pairs = 2 if weight.dtype == torch.bfloat16 else 1
-    width = -(-in_features // pairs) * pairs
-    padded = weight.new_zeros(-(-out_features // nr) * nr, width)
-    padded[:out_features, :in_features] = weight
-    panels = padded.view(-1, nr, width // pairs, pairs).permute(0, 2, 1, 3).contiguous()
-    return panels.squeeze(-1) if pairs == 1 else panels
-
-
-def check_layer(packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                in_features: int) -> None:
-    """Refuse a layer whose tensors the C kernel would read out of bounds (ValueError: a
-    caller's bug, never user input): contiguous CPU tensors of one supported dtype, of the
-    sizes the layer's shapes imply. Checked once, when the layer is made."""
-    nr = _panel()
-    pairs = 2 if packed.dtype == torch.bfloat16 else 1
-    want = (-(-out_features // nr), -(-in_features // pairs)) + ((nr, 2) if pairs == 2 else
-                                                                 (nr,))
-    problems = []
-    if packed.dtype not in _dense_dtypes() or tuple(packed.shape) != want:
-        problems.append(f"packed weight {packed.dtype} {tuple(packed.shape)}, expected {want} "
-                        f"in one of {_dense_dtypes()}")
-    if bias is not None and (bias.dtype != packed.dtype or bias.numel() != out_features):
-        problems.append(f"bias {bias.dtype} x {bias.numel()}, expected {packed.dtype} x "
-                        f"{out_features}")
-    tensors = [t for t in (packed, bias) if t is not None]
-    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        problems.append("the packed weight and the bias must be contiguous CPU tensors")
-    if problems:
-        raise ValueError("dense layer: " + "; ".join(problems))
-
-
-def _compute(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-             out_features: int) -> torch.Tensor:
-    in_features = x.shape[-1]
-    rows = x.numel() // in_features if in_features else 0
-    y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
-    if rows and int8_kernel.library().cpmctl_dense_matmul(
-            x.data_ptr(), rows, in_features, packed.data_ptr(),
-            None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
-            x.dtype == torch.bfloat16, torch.get_num_threads()):
-        raise ValueError(f"dense matmul: the kernel library has no {x.dtype} kernel")
-    return y
-
-
-# NOTE: torch.library.Library rather than @custom_op, for the reason int8_kernel.py gives
-_LIBRARY = torch.library.Library("cpmctl", "FRAGMENT")
-_LIBRARY.define("dense_matmul(Tensor x, Tensor packed, Tensor? bias, int out_features) -> "
-                "Tensor")
-_LIBRARY.impl("dense_matmul", _compute, "CPU")
-
-
-@torch.library.register_fake("cpmctl::dense_matmul")
-def _fake(x, packed, bias, out_features):
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-_OP = torch.ops.cpmctl.dense_matmul.default
-
-
-def matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-           out_features: int, in_features: int) -> torch.Tensor:
-    """x [..., in] @ weight.T + bias → [..., out], in the packed weight's dtype, through the op
-    `cpmctl::dense_matmul`. An input of another width, dtype or device than the layer's is a
-    ValueError (as F.linear refuses it), never a call into C."""
-    if x.shape[-1] != in_features or x.device.type != "cpu" or x.dtype != packed.dtype:
-        raise ValueError(f"dense matmul: a {x.device.type} {x.dtype} input of {x.shape[-1]} "
-                         f"features for a CPU {packed.dtype} layer of {in_features}")
-    return _OP(x if x.is_contiguous() else x.contiguous(), packed, bias, out_features)
 
 
 # --- oneDNN's -------------------------------------------------------------------------------

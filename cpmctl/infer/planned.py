@@ -1,5 +1,5 @@
 """A GPT's generation steps planned once: the prefill and every decoding step through the layers
-with no module calls, the attention in one C call per layer (attention_kernel.py), the KV cache
+with no module calls, the attention in one C call per layer (attention.py), the KV cache
 in the activations' dtype.
 
 Why: at batch 1 a decoding step's arithmetic is its weight bytes (~108 MB for CPM-Small in
@@ -20,7 +20,7 @@ model's text does not depend on the batch size, to the bit.
 
 `PlannedGpt.plan(model)` is None where the plan does not apply, and generation then runs the
 module forward as before: a non-GPT or MoE model, a model off the CPU, an unknown layer type, or
-no kernel library (attention_kernel.available()).
+no kernel library (attention.available()).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpmctl.infer import attention_kernel
 from cpmctl.infer.cache import KVCache
+from cpmctl.kernels import attention
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,7 +46,7 @@ def _step_function(module: nn.Module, in_features: int, out_features: int,
         return None
     if hasattr(module, "step_function"):  # PackedLinear, Int8Linear
         return module.step_function()
-    if type(module) is nn.Linear and module.weight.dtype == dtype:
+    if isinstance(module, nn.Linear) and module.weight.dtype == dtype:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
     return None
@@ -83,8 +83,8 @@ class PlannedGpt:
         if cfg.arch != "gpt" or cfg.moe.experts > 0 or model.training:
             return None
         dtype = model.wte.weight.dtype
-        if model.wte.weight.device.type != "cpu" or dtype not in attention_kernel.DTYPES \
-                or not attention_kernel.available():
+        if model.wte.weight.device.type != "cpu" or dtype not in attention.DTYPES \
+                or not attention.available():
             return None
         d, inner, ff = cfg.d_model, cfg.n_heads * cfg.head_size, cfg.ffn_size
         layers = []
@@ -120,7 +120,7 @@ class PlannedGpt:
         else:
             positions = (mask[:, :length + new].cumsum(-1)[:, length:] - 1).clamp_(min=0)
             x = x + F.embedding(positions, self.wpe)
-        shape, eps, attend = self.shape, self.eps, attention_kernel.attend
+        shape, eps, attend = self.shape, self.eps, attention.attend
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             h = F.layer_norm(x, shape, *layer.ln_1, eps)
             x = x + layer.proj(attend(layer.qkv(h), kv.keys, kv.values, length, mask))

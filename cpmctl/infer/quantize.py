@@ -5,7 +5,7 @@ with one fp scale per output channel (symmetric: scale = max|w| / 127 over the r
 q), activations in bf16. The weights take half of bf16's memory and cross the memory bus at one
 byte each. Two kernels run the matmul, chosen when the layer is made:
 
-- cpmctl's own (int8_kernel.py), where it builds (x86-64 with AVX2 and a C compiler): a packed
+- cpmctl's own (int8.py), where it builds (x86-64 with AVX2 and a C compiler): a packed
   weight layout, integer dot products; ~2x PyTorch's kernel on CPM-Small's decoding step here.
 - PyTorch's `torch._weight_int8pack_mm(x_bf16, w_int8, scales)` everywhere else.
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cpmctl.errors import CpmError
-from cpmctl.infer import int8_kernel
+from cpmctl.kernels import int8
 
 _BLOCK = 16  # bf16 values per load
 _ALIGN = 32  # bytes
@@ -41,24 +41,24 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.kernel = kernel
-        native = kernel != int8_kernel.TORCH
-        self.register_buffer("weight", int8_kernel.pack(q) if native else q)
+        native = kernel != int8.TORCH
+        self.register_buffer("weight", int8.pack(q) if native else q)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
         if native:
-            int8_kernel.check_layer(self.weight, scales, bias, self.out_features,
+            int8.check_layer(self.weight, scales, bias, self.out_features,
                                     self.in_features)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         """Quantize from the layer's own (full-precision) weight, per output channel, for the
-        kernel that runs here (int8_kernel.kernel_name()).
+        kernel that runs here (int8.kernel_name()).
 
         NOTE: the weights are rounded against the scales as stored (fp32 for cpmctl's kernel,
         bf16 for PyTorch's, as each takes them), so the scales' own rounding adds no error.
         """
-        kernel = int8_kernel.kernel_name()
-        dtype = torch.bfloat16 if kernel == int8_kernel.TORCH else torch.float32
+        kernel = int8.kernel_name()
+        dtype = torch.bfloat16 if kernel == int8.TORCH else torch.float32
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127).to(dtype)
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
@@ -67,13 +67,13 @@ class Int8Linear(nn.Module):
 
     def int8_weight(self) -> torch.Tensor:
         """q as int8 [out, in], whatever the layout."""
-        if self.kernel == int8_kernel.TORCH:
+        if self.kernel == int8.TORCH:
             return self.weight
-        return int8_kernel.unpack(self.weight, self.out_features, self.in_features)
+        return int8.unpack(self.weight, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel != int8_kernel.TORCH:
-            return int8_kernel.matmul(x, self.weight, self.scales, self.bias, self.out_features,
+        if self.kernel != int8.TORCH:
+            return int8.matmul(x, self.weight, self.scales, self.bias, self.out_features,
                                       self.in_features)
         shape = x.shape
         if shape[-1] != self.in_features:
@@ -90,10 +90,10 @@ class Int8Linear(nn.Module):
     def step_function(self):
         """forward as a closure for planned.py, whose inputs are contiguous bf16 CPU
         tensors of in_features (it checks the widths once, when it plans the step): cpmctl's
-        kernel op without int8_kernel.matmul's per-call checks; PyTorch's kernel as forward."""
-        if self.kernel == int8_kernel.TORCH:
+        kernel op without int8.matmul's per-call checks; PyTorch's kernel as forward."""
+        if self.kernel == int8.TORCH:
             return self.forward
-        op, weight, scales, bias, out = (int8_kernel.OP, self.weight, self.scales, self.bias,
+        op, weight, scales, bias, out = (int8.OP, self.weight, self.scales, self.bias,
                                          self.out_features)
         return lambda x: op(x, weight, scales, bias, out)
 
@@ -107,7 +107,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     bf16, in place; returns the model."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in linears:
-        if linear.in_features % _BLOCK and int8_kernel.kernel_name() == int8_kernel.TORCH:
+        if linear.in_features % _BLOCK and int8.kernel_name() == int8.TORCH:
             raise CpmError(f"--quantize int8: layer {name} has {linear.in_features} inputs; "
                            f"PyTorch's int8 kernel needs a multiple of {_BLOCK}")
         if linear.weight.device.type != "cpu":

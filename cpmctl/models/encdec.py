@@ -24,6 +24,7 @@ from .config import ModelConfig
 from .dropout import Dropout
 from .layers import (
     GatedGeluFFN,
+    Linear,
     RMSNorm,
     attention,
     init_normal,
@@ -91,10 +92,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         inner = cfg.n_heads * cfg.head_size
-        self.q = nn.Linear(cfg.d_model, inner, bias=False)
-        self.k = nn.Linear(cfg.d_model, inner, bias=False)
-        self.v = nn.Linear(cfg.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.q = Linear(cfg.d_model, inner, bias=False)
+        self.k = Linear(cfg.d_model, inner, bias=False)
+        self.v = Linear(cfg.d_model, inner, bias=False)
+        self.o = Linear(inner, cfg.d_model, bias=False)
         self.relative_bias = RelativePositionBias(cfg, bidirectional) if relative_bias else None
         self.dropout = cfg.dropout
 
@@ -199,7 +200,7 @@ class EncDec(nn.Module):
         self.decoder = nn.ModuleList(
             DecoderBlock(cfg, i == 0) for i in range(cfg.decoder_layers))
         self.decoder_norm = RMSNorm(cfg.d_model, cfg.eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

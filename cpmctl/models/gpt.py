@@ -21,7 +21,15 @@ from torch import nn
 from ..errors import CpmError
 from .config import ModelConfig
 from .dropout import Dropout
-from .layers import GeluMLP, attention, init_normal, key_padding_mask, merge_heads, split_heads
+from .layers import (
+    GeluMLP,
+    Linear,
+    attention,
+    init_normal,
+    key_padding_mask,
+    merge_heads,
+    split_heads,
+)
 from .moe import MoeFFN, moe_aux_loss
 
 if TYPE_CHECKING:
@@ -35,8 +43,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         inner = cfg.n_heads * cfg.head_size
-        self.c_attn = nn.Linear(cfg.d_model, 3 * inner)
-        self.c_proj = nn.Linear(inner, cfg.d_model)  # output projection, scaled at init
+        self.c_attn = Linear(cfg.d_model, 3 * inner)
+        self.c_proj = Linear(inner, cfg.d_model)  # output projection, scaled at init
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
@@ -87,7 +95,7 @@ class GPT(nn.Module):
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one tensor, counted once
         self.reset_parameters()
 

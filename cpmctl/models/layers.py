@@ -1,5 +1,5 @@
-"""What the GPT (CPM-1) and encoder-decoder (CPM-2) models share: RMSNorm, the attention call,
-the two feed-forward networks, and the init helpers.
+"""What the GPT (CPM-1) and encoder-decoder (CPM-2) models share: the linear layer, RMSNorm, the
+attention call, the two feed-forward networks, and the init helpers.
 
 Shapes: activations are [batch, seq, d_model]; attention works on [batch, heads, seq, d_head].
 An attention mask here is boolean, True where a query may look at a key, and broadcastable to
@@ -12,7 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import dense
 from .dropout import Dropout, dropout
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters, state dict and init) whose product runs through cpmctl's
+    fp32 CPU kernel where that pays: kernels/dense.py's `linear`, ~2x PyTorch's fp32 matmul on
+    CPUs where MKL is slow (AMD), the same speed where it is not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -117,8 +127,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
-        self.c_fc = nn.Linear(d_model, d_ff)
-        self.c_proj = nn.Linear(d_ff, d_model)  # the "down" projection, scaled at init
+        self.c_fc = Linear(d_model, d_ff)
+        self.c_proj = Linear(d_ff, d_model)  # the "down" projection, scaled at init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -132,9 +142,9 @@ class GatedGeluFFN(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
-        self.wi_0 = nn.Linear(d_model, d_ff, bias=False)
-        self.wi_1 = nn.Linear(d_model, d_ff, bias=False)
-        self.wo = nn.Linear(d_ff, d_model, bias=False)
+        self.wi_0 = Linear(d_model, d_ff, bias=False)
+        self.wi_1 = Linear(d_model, d_ff, bias=False)
+        self.wo = Linear(d_ff, d_model, bias=False)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

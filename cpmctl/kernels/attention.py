@@ -13,9 +13,9 @@ a bf16 cache (exact for a bf16 model, whose keys and values are bf16 to begin wi
 It also runs the prefill (many new tokens per row), for a second reason: each query is computed
 on its own over its visible keys in order, so a row's numbers do not depend on the batch it is
 in or the padding before it, which SDPA's masked and unmasked paths do not promise; with
-row-independent matmuls (cpmctl's int8 kernel) the batch size cannot change the text.
+row-independent matmuls (cpmctl's int8 and dense kernels) the batch size cannot change the text.
 
-It lives in the same library as the int8 matmul (int8_kernel.library(), built on first use);
+It lives in cpmctl's kernel library (library.py, built on first use);
 where that library is not available, `available()` is False and generation uses PyTorch.
 `attend` checks every tensor against the others before the call: C trusts its pointers.
 """
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from cpmctl.infer import int8_kernel
+from cpmctl.kernels import library
 
 DTYPES = (torch.float32, torch.bfloat16)
 
 
 def available() -> bool:
-    return int8_kernel.library() is not None
+    return library.load() is not None
 
 
 def check(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
@@ -71,7 +71,7 @@ def _compute(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length
     batch, heads, max_len, d_head = keys.shape
     new = qkv.shape[1]
     out = torch.empty(batch, new, heads * d_head, dtype=qkv.dtype)
-    status = int8_kernel.library().cpmctl_attend(
+    status = library.load().cpmctl_attend(
         qkv.data_ptr(), qkv.dtype == torch.bfloat16, batch, new, heads, d_head,
         keys.data_ptr(), values.data_ptr(), keys.dtype == torch.bfloat16, max_len, length,
         None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
@@ -81,19 +81,10 @@ def _compute(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length
     return out
 
 
-# NOTE: torch.library.Library rather than @custom_op, for the reason int8_kernel.py gives
-_LIBRARY = torch.library.Library("cpmctl", "FRAGMENT")
-_LIBRARY.define("attend(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int length, "
-                "Tensor? mask) -> Tensor")
-_LIBRARY.impl("attend", _compute, "CPU")
-
-
-@torch.library.register_fake("cpmctl::attend")
-def _fake(qkv, keys, values, length, mask):
-    return qkv.new_empty(qkv.shape[0], qkv.shape[1], keys.shape[1] * keys.shape[3])
-
-
-_OP = torch.ops.cpmctl.attend.default
+_OP = library.define_op(
+    "attend(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int length, Tensor? mask) -> Tensor",
+    _compute, lambda qkv, keys, values, length, mask: qkv.new_empty(
+        qkv.shape[0], qkv.shape[1], keys.shape[1] * keys.shape[3]))
 
 
 def attend(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
