@@ -222,7 +222,7 @@ def test_joint_tokenisation_cuts_parts_at_the_common_prefix(tiny):
 
 def test_every_shipped_task_loads():
     assert {"tnews", "iflytek", "ocnli", "chid", "stc", "perplexity", "sentiment",
-            "idiom-cloze"} <= set(shipped_tasks())
+            "idiom-cloze", "idiom-cloze-question"} <= set(shipped_tasks())
     for name in shipped_tasks():
         assert load_task(name).name == name
 

@@ -11,10 +11,10 @@ import torch
 
 from cpmctl.infer import KVCache, generate_tokens
 from cpmctl.infer.load import prepare_for_inference
-from cpmctl.infer.planned import PlannedGpt
+from cpmctl.infer.planned import PlannedEncDec, PlannedGpt
 from cpmctl.kernels import attention, library
 from cpmctl.models import MoeConfig
-from tests.test_infer import settings, tokens_of, varied_gpt
+from tests.test_infer import settings, tokens_of, varied_encdec, varied_gpt
 
 
 @pytest.fixture
@@ -28,16 +28,29 @@ def kernels(monkeypatch):
     library.load.cache_clear()
 
 
-def reference(qkv, keys, values, length, mask):
-    """What the kernel computes, through SDPA in fp64 over the cache it has written."""
+def row_by_row(model) -> bool:
+    """Whether every matmul of the prepared model runs on one of cpmctl's kernels, which
+    compute each row on its own (oneDNN's and PyTorch's need not)."""
+    layers = [m for m in model.modules() if hasattr(m, "kernel")]
+    return bool(layers) and all(m.kernel.startswith("cpmctl") for m in layers)
+
+
+def reference(qkv, keys, values, length, mask, *, scale=None, bias=None, cross=False):
+    """What the kernel computes, in fp64 over the cache it has written (cross: the queries
+    alone over `length` keys, no causal mask)."""
     batch, new, _ = qkv.shape
     heads, d_head = keys.shape[1], keys.shape[3]
-    q = qkv.double().view(batch, new, 3, heads, d_head)[:, :, 0].transpose(1, 2)
-    end = length + new
-    visible = torch.ones(batch, 1, new, end, dtype=torch.bool).tril(length)
+    parts = 1 if cross else 3
+    q = qkv.double().view(batch, new, parts, heads, d_head)[:, :, 0].transpose(1, 2)
+    end = length if cross else length + new
+    visible = torch.ones(batch, 1, new, end, dtype=torch.bool)
+    if not cross:
+        visible = visible.tril(length)
     if mask is not None:
         visible = visible & mask[:, None, None, :end].bool()
-    scores = q @ keys[:, :, :end].double().transpose(-1, -2) / d_head ** 0.5
+    scores = q @ keys[:, :, :end].double().transpose(-1, -2) * (scale or d_head ** -0.5)
+    if bias is not None:
+        scores = scores + bias[None, :, :, :end].double()
     weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
     return (weights @ values[:, :, :end].double()).transpose(1, 2).reshape(batch, new, -1)
 
@@ -71,6 +84,43 @@ def test_attention_kernel_matches_pytorchs(kernels, act, cache, new):
                                atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_kernel_scale_bias_and_cross(kernels, act):
+    """T5's form: scale 1 and a relative position bias [heads, new, keys] added to the scores;
+    and cross-attention, the queries over an encoder's `length` cached keys, padding masked."""
+    torch.manual_seed(7)
+    batch, heads, d_head, max_len, length, new = 2, 3, 20, 12, 5, 2
+    keys = torch.randn(batch, heads, max_len, d_head)
+    values = torch.randn(batch, heads, max_len, d_head)
+    qkv = torch.randn(batch, new, 3 * heads * d_head).to(act)
+    bias = torch.randn(heads, new, length + new + 3)  # wider than the keys read: allowed
+    tolerance = 1e-5 if act == torch.float32 else 2 ** -7
+    out = attention.attend(qkv, keys, values, length, None, scale=1.0, bias=bias)
+    torch.testing.assert_close(out.double(), reference(qkv, keys, values, length, None,
+                                                       scale=1.0, bias=bias),
+                               atol=tolerance, rtol=tolerance)
+    queries = torch.randn(batch, new, heads * d_head).to(act)
+    source = torch.ones(batch, max_len, dtype=torch.long)
+    source[1, :2] = 0  # the encoder's left padding
+    before = keys.clone()
+    out = attention.attend_cross(queries, keys, values, 9, source, scale=1.0)
+    assert torch.equal(keys, before)  # nothing appended
+    torch.testing.assert_close(out.double(), reference(queries, keys, values, 9, source,
+                                                       scale=1.0, cross=True),
+                               atol=tolerance, rtol=tolerance)
+    for args, kwargs, message in (
+            ((queries, keys, values, 13), {}, "queries over 13 keys"),
+            ((queries, keys, values, 0), {}, "queries over 0 keys"),
+            ((queries, keys, values, 9, source[:, :8]), {}, "mask"),
+            ((qkv, keys, values, 9), {}, "does not match")):
+        with pytest.raises(ValueError, match=message):
+            attention.attend_cross(*args, **kwargs)
+    with pytest.raises(ValueError, match="bias"):
+        attention.attend(qkv, keys, values, length, None, bias=bias[:, :, :length + 1])
+    with pytest.raises(ValueError, match="bias"):
+        attention.attend(qkv, keys, values, length, None, bias=bias.double())
+
+
 def test_attention_kernel_refuses_what_it_would_read_past(kernels):
     keys = torch.zeros(2, 4, 8, 16)
     qkv = torch.zeros(2, 1, 192)
@@ -94,7 +144,10 @@ def test_attention_kernel_refuses_what_it_would_read_past(kernels):
 def test_attention_kernel_op_schema(kernels):
     keys = torch.randn(2, 4, 8, 16)
     torch.library.opcheck(torch.ops.cpmctl.attend.default,
-                          (torch.randn(2, 3, 192), keys, keys.clone(), 2, None))
+                          (torch.randn(2, 3, 192), keys, keys.clone(), 2, None, False, 0.0,
+                           None))
+    torch.library.opcheck(torch.ops.cpmctl.attend.default,
+                          (torch.randn(2, 3, 64), keys, keys.clone(), 5, None, True, 1.0, None))
 
 
 # ---------------------------------------------------------------- the plan
@@ -128,13 +181,18 @@ def test_planned_logits_equal_the_module_forwards(kernels):
 @pytest.mark.parametrize("precision", [{"dtype": "fp32"}, {"dtype": "bf16"},
                                        {"dtype": "bf16", "quantize": "int8"}],
                          ids=["fp32", "bf16", "int8"])
-def test_planned_generation_is_the_module_forwards(kernels, precision):
+@pytest.mark.parametrize("arch", ["gpt", "encdec"])
+def test_planned_generation_is_the_module_forwards(kernels, precision, arch):
+    """Greedy text equal to the module forward's, left-padded prompts of two lengths (an
+    encoder-decoder's padding is the encoder's)."""
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8]]
-    model = prepare_for_inference(varied_gpt(16), **precision)
-    assert PlannedGpt.plan(model) is not None
-    planned = tokens_of(model, prompts, settings(20))
-    assert planned == tokens_of(model, prompts, settings(20), planned_step=False)
-    assert all(len(set(row)) > 3 for row in planned)
+    built, planner = (varied_gpt, PlannedGpt) if arch == "gpt" else (varied_encdec,
+                                                                     PlannedEncDec)
+    model = prepare_for_inference(built(16), **precision)
+    assert planner.plan(model) is not None
+    planned = tokens_of(model, prompts, settings(16))
+    assert planned == tokens_of(model, prompts, settings(16), planned_step=False)
+    assert all(len(set(row)) > 2 for row in planned)
 
 
 @pytest.mark.parametrize("precision", [{"dtype": "fp32"}, {"dtype": "bf16"},
@@ -157,8 +215,7 @@ def test_a_batch_of_8_generates_what_each_prompt_does_alone(kernels, precision):
     assert [r.tokens for r in batch.rows] == [r.tokens for r in alone]
     assert [r.finish_reason for r in batch.rows] == [r.finish_reason for r in alone]
     assert len({tuple(r.tokens) for r in alone}) >= 6  # varied, not one repeated output
-    layers = [m for m in model.modules() if hasattr(m, "kernel")]
-    if layers and all(m.kernel.startswith("cpmctl") for m in layers):
+    if row_by_row(model):
         longest = max(map(len, prompts))
         ids = torch.zeros(8, longest, dtype=torch.long)
         mask = torch.zeros(8, longest, dtype=torch.long)
@@ -212,3 +269,51 @@ def test_bench_speed_times_the_module_forward_beside_the_plan(cli):
     assert planned["prefill_vs_module_step"] == pytest.approx(planned["prefill_tok_s"]
                                                               / modules["prefill_tok_s"])
     assert modules["of_bandwidth"] > 0 and "vs_module_step" not in modules
+
+
+# ---------------------------------------------------------------- the encoder-decoder's plan
+
+def test_planned_encdec_logits_equal_the_module_forwards(kernels):
+    """fp32: each decoder step's logits against model.decode over the same cache positions,
+    the encoder's padding masked in the cross-attention."""
+    model = prepare_for_inference(varied_encdec(5))
+    plan = PlannedEncDec.plan(model)
+    assert plan is not None and plan.cache_dtype == torch.float32
+    ids = torch.randint(1, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    steps = torch.randint(1, 100, (2, 4))
+    ours_cache, theirs_cache = (KVCache.for_model(model.cfg, 2, 4) for _ in range(2))
+    with torch.inference_mode():
+        encoded = model.encode(ids, mask)
+        ours = [plan.forward(steps[:, i:i + 1], ours_cache, encoded, mask) for i in range(4)]
+        theirs = [model.decode(steps[:, i:i + 1], encoded, mask, cache=theirs_cache)[:, -1]
+                  for i in range(4)]
+    assert ours_cache.length == theirs_cache.length == 4
+    torch.testing.assert_close(torch.stack(ours), torch.stack(theirs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", [{"dtype": "fp32"}, {"dtype": "bf16"},
+                                       {"dtype": "bf16", "quantize": "int8"}],
+                         ids=["fp32", "bf16", "int8"])
+def test_an_encdec_batch_of_8_decodes_what_each_prompt_does_alone(kernels, precision):
+    """Each row's planned decoder logits are the same to the bit at batch 8 and alone (cpmctl's
+    matmuls and attention work row by row); the encoder's module forward is not part of it, so
+    each row's encoder output is computed alone and stacked."""
+    model = prepare_for_inference(varied_encdec(6), **precision)
+    plan = PlannedEncDec.plan(model)
+    if not row_by_row(model):
+        pytest.skip("row-by-row matmuls need cpmctl's kernels for this precision here")
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 100, (6,), generator=generator) for _ in range(8)]
+    steps = torch.randint(10, 100, (8, 3), generator=generator)
+    with torch.inference_mode():
+        encoded = [model.encode(p[None]) for p in prompts]
+        cache = KVCache.for_model(model.cfg, 8, 3, dtype=plan.cache_dtype)
+        batched = [plan.forward(steps[:, i:i + 1], cache, torch.cat(encoded), None)
+                   for i in range(3)]
+        for row in range(8):
+            alone = KVCache.for_model(model.cfg, 1, 3, dtype=plan.cache_dtype)
+            for i in range(3):
+                logits = plan.forward(steps[row:row + 1, i:i + 1], alone, encoded[row], None)
+                assert torch.equal(logits[0], batched[i][row])

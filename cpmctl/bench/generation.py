@@ -60,9 +60,9 @@ def _our_model(spec: dict) -> tuple[nn.Module, int, int]:
             pad_id = from_folder(tokenizer).pad_id
     else:
         model = _random_model(spec)
-    weights = _weight_bytes(model) // (2 if settings["dtype"] == "bf16" else 1)
+    weights = _step_bytes(model) // (2 if settings["dtype"] == "bf16" else 1)
     model = prepare_for_inference(model, **settings, device=spec["device"])
-    return model, pad_id, _weight_bytes(model) if "quantize" in settings else weights
+    return model, pad_id, _step_bytes(model) if "quantize" in settings else weights
 
 
 def _random_model(spec: dict) -> nn.Module:
@@ -116,14 +116,26 @@ def _time_transformers(model: nn.Module, prompts: torch.Tensor, new_tokens: int,
     return prefill_s, max(total - prefill_s, 1e-9), out[:, prompts.shape[1]:].tolist()
 
 
-def _weight_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers, a tied weight once."""
-    seen, total = set(), 0
+def _weight_bytes(model: nn.Module, skip: tuple[nn.Module, ...] = ()) -> int:
+    """Bytes of the parameters and buffers, a tied weight once, leaving out `skip`'s."""
+    seen = {id(t) for m in skip for t in [*m.parameters(), *m.buffers()]}
+    total = 0
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+def _step_bytes(model: nn.Module) -> int:
+    """The weight bytes one decoding step reads: a GPT's whole model; an encoder-decoder's
+    decoder and head, without the encoder (run once per prompt) and the cross-attention key
+    and value projections (applied once to the encoder's output, then cached)."""
+    if model.cfg.arch != "encdec":
+        return _weight_bytes(model)
+    cached = tuple(m for block in model.decoder for m in (block.cross_attn.k, block.cross_attn.v))
+    return sum(_weight_bytes(m, cached) for m in (model.decoder, model.decoder_norm,
+                                                   model.lm_head))
 
 
 def measure(spec: dict) -> dict:

@@ -177,8 +177,9 @@ def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tok
         rows)
     console.print("hf: transformers' GPT2LMHeadModel.generate on the same weights; "
                   "modules: ours stepping through the module forward; "
-                  "prefill/s, decode/s: tokens per second; GB/s: weight bytes x decoding steps "
-                  f"per second, against a memory read bandwidth of "
+                  "prefill/s, decode/s: tokens per second; weights MB: what a decoding step "
+                  "reads (an encoder-decoder's decoder and head); GB/s: those bytes x decoding "
+                  f"steps per second, against a memory read bandwidth of "
                   f"{report['memory_bandwidth_gb_s']:.2f} GB/s measured in this run")
     kernels = sorted({r["int8_kernel"] for r in report["runs"] if "int8_kernel" in r})
     if kernels:

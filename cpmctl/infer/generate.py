@@ -18,9 +18,10 @@ How a batch runs:
   training's: `<pad>`) with a self-attention cache, the cross-attention keys and values being
   computed once from the encoder output.
 - Batch 1 with no padding attends without any mask tensor (SDPA's fastest path).
-- A GPT's prefill and decoding steps run through a plan made once (planned.py: no module
-  calls, the attention in C, a bf16 cache for a bf16 or int8 model) where it applies, else
-  through the module forward; `planned_step=False` forces the module forward (to compare).
+- A GPT's prefill and decoding steps, and an encoder-decoder's decoding steps, run through a
+  plan made once (planned.py: no module calls, the attention in C, a bf16 cache for a bf16 or
+  int8 model) where it applies, else through the module forward; `planned_step=False` forces
+  the module forward (to compare).
 
 Length: a row generates at most `max_new_tokens`, and a GPT row at most what fits in the model's
 context (model.max_positions) after its prompt: it then ends with finish reason 'length'. A
@@ -43,7 +44,7 @@ from torch import nn
 
 from cpmctl.errors import CpmError
 from cpmctl.infer.cache import KVCache
-from cpmctl.infer.planned import PlannedGpt
+from cpmctl.infer.planned import PlannedEncDec, PlannedGpt
 from cpmctl.infer.sampling import Sampler, SamplingSettings
 
 #: Called after each new token of an active row (except <eod>) with the row's tokens so far;
@@ -212,14 +213,16 @@ class _EncDecSteps:
     soft = None  # (soft prompt, its slots as flat token indices): in the encoder input only
 
     def __init__(self, model: nn.Module, prompts: list[list[int]], budgets: list[int],
-                 pad_id: int, decoder_start_id: int):
+                 pad_id: int, decoder_start_id: int, planned_step: bool = True):
         self.model = model
         device = model.shared.weight.device
         self.ids, self.mask = left_pad(prompts, pad_id, device)
         self.start = torch.full((len(prompts), 1), decoder_start_id, dtype=torch.long,
                                 device=device)
-        self.cache = KVCache.for_model(model.cfg, len(prompts), max(budgets),
-                                       dtype=cache_dtype(model), device=device)
+        self.plan = PlannedEncDec.plan(model) if planned_step else None
+        dtype = cache_dtype(model) if self.plan is None else self.plan.cache_dtype
+        self.cache = KVCache.for_model(model.cfg, len(prompts), max(budgets), dtype=dtype,
+                                       device=device)
         self.encoder_out = None
 
     def prefill(self) -> torch.Tensor:
@@ -232,6 +235,8 @@ class _EncDecSteps:
         """Nothing to do: a finished row's outputs are ignored and its positions are relative."""
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.plan is not None:
+            return self.plan.forward(tokens[:, None], self.cache, self.encoder_out, self.mask)
         logits = self.model.decode(tokens[:, None], self.encoder_out, self.mask,
                                    cache=self.cache)
         return logits[:, -1]
@@ -249,8 +254,8 @@ def generate_tokens(model: nn.Module, prompts: list[list[int]], settings: Genera
     to the tokenizer's, when the model's vocabulary is larger (padded). `first_index` is the
     index of the batch's first prompt in the whole input (it picks the sampling seeds).
     `soft_prompt` (cpmctl.prompt) places its slots around every prompt; they count towards
-    the context. `planned_step` False runs a GPT through the module forward instead of the
-    planned steps (to compare their speed; the numbers differ only in the attention's
+    the context. `planned_step` False runs the model through the module forward instead of
+    the planned steps (to compare their speed; the numbers differ only in the attention's
     summation order).
     """
     settings.check()
@@ -269,7 +274,7 @@ def generate_tokens(model: nn.Module, prompts: list[list[int]], settings: Genera
         steps = _GptSteps(model, prompts, budgets, pad_id, planned_step)
     else:
         start = pad_id if decoder_start_id is None else decoder_start_id
-        steps = _EncDecSteps(model, prompts, budgets, pad_id, start)
+        steps = _EncDecSteps(model, prompts, budgets, pad_id, start, planned_step)
     if slots is not None:  # shifted by each row's left padding, as flat token indices
         longest = steps.ids.shape[1]
         steps.soft = (soft_prompt, [[s + longest - len(ids) + i * longest for s in row]

@@ -33,6 +33,7 @@ from torch import nn
 
 from cpmctl.infer.cache import KVCache
 from cpmctl.kernels import attention
+from cpmctl.models.layers import rms_norm
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,6 +51,20 @@ def _step_function(module: nn.Module, in_features: int, out_features: int,
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
     return None
+
+
+def _planned_dtype(model: nn.Module, arch: str) -> torch.dtype | None:
+    """The activations' dtype (the word embedding's) where a plan for `arch` applies: a model of
+    that architecture without experts, in eval mode, on the CPU, in a dtype the attention
+    kernel takes, with the kernel library built; else None."""
+    cfg = model.cfg
+    if cfg.arch != arch or cfg.moe.experts > 0 or model.training:
+        return None
+    table = (model.wte if arch == "gpt" else model.shared).weight
+    if table.device.type != "cpu" or table.dtype not in attention.DTYPES \
+            or not attention.available():
+        return None
+    return table.dtype
 
 
 class _Layer:
@@ -79,13 +94,10 @@ class PlannedGpt:
 
     @classmethod
     def plan(cls, model: nn.Module) -> PlannedGpt | None:
+        dtype = _planned_dtype(model, "gpt")
+        if dtype is None:
+            return None
         cfg = model.cfg
-        if cfg.arch != "gpt" or cfg.moe.experts > 0 or model.training:
-            return None
-        dtype = model.wte.weight.dtype
-        if model.wte.weight.device.type != "cpu" or dtype not in attention.DTYPES \
-                or not attention.available():
-            return None
         d, inner, ff = cfg.d_model, cfg.n_heads * cfg.head_size, cfg.ffn_size
         layers = []
         for block in model.blocks:
@@ -128,3 +140,84 @@ class PlannedGpt:
             x = x + layer.down(F.gelu(layer.up(h), approximate="tanh"))
         cache.length = length + new
         return self.head(F.layer_norm(x[:, -1].contiguous(), shape, *self.ln_f, eps))
+
+
+class _DecoderLayer:
+    """One decoder block's norm weights and linear calls (self-attention q, k, v, o; the
+    cross-attention's q and o; the gated FFN's wi_0, wi_1, wo)."""
+
+    def __init__(self, block: nn.Module, calls: list[Linear]):
+        self.norms = (block.ln_1.weight, block.ln_2.weight, block.ln_3.weight)
+        (self.q, self.k, self.v, self.o, self.cross_q, self.cross_o,
+         self.wi_0, self.wi_1, self.wo) = calls
+
+
+class PlannedEncDec:
+    """`forward(ids, cache, encoder_out, encoder_mask) -> logits of each row's last position`:
+    decoder steps continuing the cache, over an encoder output computed once."""
+
+    def __init__(self, model: nn.Module, layers: list[_DecoderLayer], head: Linear):
+        self.embed, self.final = model.shared.weight, model.decoder_norm.weight
+        self.eps = model.cfg.eps
+        self.relative_bias = model.decoder[0].self_attn.relative_bias
+        self.cross_keys_values = [block.cross_attn.keys_values for block in model.decoder]
+        self.layers, self.head = layers, head
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @classmethod
+    def plan(cls, model: nn.Module) -> PlannedEncDec | None:
+        dtype = _planned_dtype(model, "encdec")
+        if dtype is None:
+            return None
+        cfg = model.cfg
+        d, inner, ff = cfg.d_model, cfg.n_heads * cfg.head_size, cfg.ffn_size
+        shapes = [(d, inner)] * 3 + [(inner, d), (d, inner), (inner, d), (d, ff), (d, ff),
+                                     (ff, d)]
+        layers = []
+        for block in model.decoder:
+            modules = [block.self_attn.q, block.self_attn.k, block.self_attn.v, block.self_attn.o,
+                       block.cross_attn.q, block.cross_attn.o, block.ffn.wi_0, block.ffn.wi_1,
+                       block.ffn.wo]
+            calls = [_step_function(m, n_in, n_out, dtype)
+                     for m, (n_in, n_out) in zip(modules, shapes, strict=True)]
+            if any(call is None for call in calls):
+                return None
+            layers.append(_DecoderLayer(block, calls))
+        head = _step_function(model.lm_head, d, cfg.vocab_size, dtype)
+        return None if head is None else cls(model, layers, head)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, encoder_out: torch.Tensor,
+                encoder_mask: torch.Tensor | None) -> torch.Tensor:
+        """ids [batch, new] -> logits [batch, vocab] of each row's last new position, the
+        decoder's rows all at the same position (generation's decoder has no padding);
+        `encoder_mask` [batch, source] (1 = a real token) or None. The first call computes the
+        cross-attention keys and values into `cache.cross`."""
+        batch, new = ids.shape
+        length = cache.length
+        if batch != cache.keys.shape[1] or length + new > cache.max_len:
+            raise ValueError(f"planned step: {batch} x {new} new tokens after {length} do not "
+                             f"fit a cache of {cache.keys.shape[1]} x {cache.max_len}")
+        if cache.cross is None:
+            cache.cross = [tuple(t.to(cache.dtype).contiguous()
+                                 for t in keys_values(encoder_out))
+                           for keys_values in self.cross_keys_values]
+        source = encoder_out.shape[1]
+        # [heads, new, length + new], the same for every layer (layer 0 owns it, as in T5)
+        bias = self.relative_bias(new, length + new, offset=length)[0].float().contiguous()
+        eps, x = self.eps, F.embedding(ids, self.embed)
+        for layer, kv, (keys, values) in zip(self.layers, cache.layers, cache.cross,
+                                             strict=True):
+            h = rms_norm(x, layer.norms[0], eps)
+            qkv = torch.cat((layer.q(h), layer.k(h), layer.v(h)), dim=-1)
+            x = x + layer.o(attention.attend(qkv, kv.keys, kv.values, length, None, scale=1.0,
+                                             bias=bias))
+            h = rms_norm(x, layer.norms[1], eps)
+            x = x + layer.cross_o(attention.attend_cross(layer.cross_q(h), keys, values, source,
+                                                         encoder_mask, scale=1.0))
+            h = rms_norm(x, layer.norms[2], eps)
+            x = x + layer.wo(F.gelu(layer.wi_0(h), approximate="tanh") * layer.wi_1(h))
+        cache.length = length + new
+        return self.head(rms_norm(x[:, -1].contiguous(), self.final, eps))

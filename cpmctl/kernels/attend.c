@@ -1,20 +1,24 @@
-/* New tokens' self-attention for every (row, head, token): append the tokens' keys and values
- * to the KV cache, then attend each query over the cached prefix and the new tokens up to its
- * own (causal). A decoding step has one new token per row; a prefill, the whole prompt. Built
- * into the same library as int8_matmul.c (cpmctl/infer/int8_kernel.py);
- * cpmctl/infer/attention_kernel.py explains why it exists and checks every argument before
- * calling it. This file is only the arithmetic.
+/* New tokens' attention for every (row, head, token). Self-attention: append the tokens' keys
+ * and values to the KV cache, then attend each query over the cached prefix and the new tokens
+ * up to its own (causal); a decoding step has one new token per row, a prefill the whole
+ * prompt. Cross-attention (cross = 1): the queries alone attend over every one of `length`
+ * cached keys (an encoder's output). Built into cpmctl's kernel library
+ * (cpmctl/kernels/library.py); cpmctl/kernels/attention.py explains why it exists and checks
+ * every argument before calling it. This file is only the arithmetic.
  *
  * qkv: [batch][n_new][3][heads][d_head] (the fused QKV projection's output, q then k then v),
- * fp32 or bf16. keys, values: [batch][heads][max_len][d_head], fp32 or bf16. Token s goes to
- * position length + s and its query attends positions 0 .. length + s where mask (int64, row
+ * or with cross [batch][n_new][heads][d_head] (the queries), fp32 or bf16. keys, values:
+ * [batch][heads][max_len][d_head], fp32 or bf16. Token s goes to position length + s and its
+ * query attends positions 0 .. length + s (cross: 0 .. length - 1) where mask (int64, row
  * stride mask_stride; NULL: every position) is nonzero. out: [batch][n_new][heads][d_head]
  * (merged heads, the output projection's input) in qkv's dtype.
  *
- * The scores and the softmax are fp32, each query on its own, the visible keys in order: a
- * row's outputs do not depend on the other rows, nor on how much padding precedes it (masked
- * keys are skipped, not added as zeros). The dot product is scaled by 1/sqrt(d_head) after,
- * as PyTorch's attention does. A query with no visible key gets zeros.
+ * A score is the dot product times `scale` (PyTorch's default 1/sqrt(d_head); T5's 1), plus
+ * bias[h][s][j] when a bias is given (fp32 [heads][n_new][bias_keys], the same for every row:
+ * T5's relative position bias). The scores and the softmax are fp32, each query on its own,
+ * the visible keys in order: a row's outputs do not depend on the other rows, nor on how much
+ * padding precedes it (masked keys are skipped, not added as zeros). A query with no visible
+ * key gets zeros.
  */
 #include <math.h>
 #include <stdint.h>
@@ -49,19 +53,28 @@ static inline __attribute__((always_inline)) void append_token(
     }
 }
 
-/* The query of token s of row b, head h, over positions 0 .. length + s. */
+/* What one query reads besides its tensors: the layout (cross), the score's scale and bias. */
+typedef struct {
+    int cross;
+    float scale;
+    const float *bias;
+    int bias_keys;
+} scoring;
+
+/* The query of token s of row b, head h, over positions 0 .. length + s (cross: all `length`). */
 static inline __attribute__((always_inline)) void attend_query(
         const void *qkv, const int act_bf16, const void *keys, const void *values,
         const int cache_bf16, int b, int s, int h, int n_new, int heads, int d_head,
         int max_len, int length, const int64_t *mask, int mask_stride, void *out, float *q,
-        float *scores) {
+        float *scores, const scoring *how) {
     const size_t width = (size_t)heads * d_head;
     const size_t token = (size_t)b * n_new + s;
-    const size_t q_at = token * 3 * width + (size_t)h * d_head;
+    const size_t q_at = token * (how->cross ? 1 : 3) * width + (size_t)h * d_head;
     const size_t cache_at = ((size_t)b * heads + h) * max_len * d_head;
-    const int last = length + s;
+    const int last = how->cross ? length - 1 : length + s;
     for (int d = 0; d < d_head; d++) q[d] = load(qkv, q_at + d, act_bf16);
-    const float scale = 1.0f / sqrtf((float)d_head);
+    const float scale = how->scale;
+    const float *bias = how->bias ? how->bias + ((size_t)h * n_new + s) * how->bias_keys : NULL;
     const int64_t *visible = mask ? mask + (size_t)b * mask_stride : NULL;
     float largest = -INFINITY;
     for (int j = 0; j <= last; j++) {
@@ -78,7 +91,7 @@ static inline __attribute__((always_inline)) void attend_query(
         float dot = 0.0f;
         for (; d < d_head; d++) dot += q[d] * load(keys, k_at + d, cache_bf16);
         for (int i = 0; i < LANES; i++) dot += partial[i];
-        scores[j] = dot * scale;
+        scores[j] = dot * scale + (bias ? bias[j] : 0.0f);
         largest = fmaxf(largest, scores[j]);
     }
     float *acc = q;  /* the query is no longer needed: accumulate the output in its place */
@@ -107,12 +120,15 @@ static inline __attribute__((always_inline)) void attend_query(
         else call(qkv, 0, keys, values, 0, __VA_ARGS__);                            \
     } while (0)
 
-/* Returns 0, or -1 when out of memory for the per-thread scratch. */
+/* scale <= 0: 1/sqrt(d_head). Returns 0, or -1 when out of memory for the per-thread scratch. */
 int cpmctl_attend(const void *qkv, int act_bf16, int batch, int n_new, int heads, int d_head,
                   void *keys, void *values, int cache_bf16, int max_len, int length,
-                  const int64_t *mask, int mask_stride, void *out, int threads) {
-    const int pairs = batch * heads, queries = batch * n_new * heads;
-    const int keys_seen = length + n_new;
+                  const int64_t *mask, int mask_stride, void *out, int cross, float scale,
+                  const float *bias, int bias_keys, int threads) {
+    const int pairs = cross ? 0 : batch * heads, queries = batch * n_new * heads;
+    const int keys_seen = cross ? length : length + n_new;
+    const scoring how = {cross, scale > 0.0f ? scale : 1.0f / sqrtf((float)d_head), bias,
+                         bias_keys};
     int failed = 0;
     /* below ~64k multiply-adds a second thread costs more to wake than it saves */
     #pragma omp parallel num_threads(threads) \
@@ -136,7 +152,7 @@ int cpmctl_attend(const void *qkv, int act_bf16, int batch, int n_new, int heads
             const int h = query % heads, s = (query / heads) % n_new;
             const int b = query / heads / n_new;
             BY_DTYPE(attend_query, b, s, h, n_new, heads, d_head, max_len, length, mask,
-                     mask_stride, out, q, scores);
+                     mask_stride, out, q, scores, &how);
         }
         free(q);
         free(scores);
