@@ -119,3 +119,22 @@ def test_training_linear_hands_over_to_f_linear_where_the_kernel_does_not_pay():
         assert dense.linear(torch.randn(100, 16), weight).dtype == torch.bfloat16
     with pytest.raises(RuntimeError):  # F.linear's own error for mismatched widths
         dense.linear(torch.randn(100, 15), weight)
+
+
+def test_the_fused_heads_products(monkeypatch):
+    """logits = h @ W.T against the packed weight, and into += g.T @ h (added to what `into`
+    holds), against float64, for a vocabulary that ends mid-panel."""
+    monkeypatch.delenv(library.KERNEL_ENV, raising=False)
+    library.load.cache_clear()
+    if torch.float32 not in dense.dtypes():
+        pytest.skip("no cpmctl fp32 kernel here (needs AVX-512)")
+    torch.manual_seed(2)
+    weight, h, g = torch.randn(1003, 48), torch.randn(100, 48), torch.randn(100, 1003)
+    logits, add_weight_grad = dense.head_products(weight, 100)
+    torch.testing.assert_close(logits(h).double(), h.double() @ weight.double().T,
+                               atol=1e-4, rtol=1e-5)
+    into = torch.randn(1003, 48)
+    want = into.double() + g.double().T @ h.double()
+    assert add_weight_grad(g, h, into) is into
+    torch.testing.assert_close(into.double(), want, atol=1e-3, rtol=1e-5)
+    library.load.cache_clear()

@@ -118,13 +118,16 @@ MIN_ROWS = 64
 
 
 def _gemm(a: torch.Tensor, a_row: int, a_col: int, m: int, k: int, b: torch.Tensor,
-          b_panel: int, b_row: int, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """[m, n] = A @ B (+ bias) with the strides dense_matmul.c's gemm_f32 describes; every
-    tensor a contiguous fp32 CPU tensor the strides stay inside (the callers below)."""
-    out = torch.empty(m, n)
+          b_panel: int, b_row: int, n: int, bias: torch.Tensor | None,
+          into: torch.Tensor | None = None) -> torch.Tensor:
+    """[m, n] = A @ B (+ bias), or `into` += A @ B, with the strides dense_matmul.c's gemm_f32
+    describes; every tensor a contiguous fp32 CPU tensor the strides stay inside (the callers
+    below)."""
+    out = torch.empty(m, n) if into is None else into
     library.load().cpmctl_dense_gemm_f32(
         a.data_ptr(), m, k, a_row, a_col, b.data_ptr(), b_panel, b_row, n,
-        None if bias is None else bias.data_ptr(), out.data_ptr(), n, torch.get_num_threads())
+        None if bias is None else bias.data_ptr(), out.data_ptr(), n, into is not None,
+        torch.get_num_threads())
     return out
 
 
@@ -180,3 +183,29 @@ def _pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
         and (bias is None or bias.shape == weight.shape[:1]) \
         and x.numel() >= MIN_ROWS * weight.shape[1] and torch.float32 in dtypes() \
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+
+
+# --- training: the fused LM head's products (train/objectives.py) ---------------------------
+
+def head_products(weight: torch.Tensor, rows: int):
+    """(logits, add_weight_grad) for the fused head's chunks of `rows` hidden states against
+    `weight` [vocab, d_model]: `logits(h)` = h @ weight.T, the weight packed once for every
+    chunk; `add_weight_grad(g, h, into)`: into += g.T @ h, g read transposed in place. PyTorch's
+    matmul where the kernel does not pay (`_pays`). (d hidden = g @ weight, a 30,000-long
+    reduction, stays on PyTorch's matmul: the kernel has no blocking for it.)"""
+    probe = weight.new_empty(()).expand(rows, weight.shape[1])
+    if not _pays(probe, weight, None):
+        return (lambda h: h @ weight.T,
+                lambda g, h, into: into.addmm_(g.T, h))
+    vocab, width = weight.shape
+    packed, panel = pack(weight.detach()), _panel()
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        h = h.contiguous()
+        return _gemm(h, width, 1, h.shape[0], width, packed, panel * width, panel, vocab, None)
+
+    def add_weight_grad(g: torch.Tensor, h: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        g, h = g.contiguous(), h.contiguous()
+        return _gemm(g, 1, vocab, vocab, g.shape[0], h, panel, width, width, None, into=into)
+
+    return logits, add_weight_grad

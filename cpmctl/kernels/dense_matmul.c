@@ -33,7 +33,7 @@ int cpmctl_dense_matmul(const void *x, int m_rows, int k, const void *packed, co
 }
 int cpmctl_dense_gemm_f32(const float *a, int m, int k, long a_row, long a_col, const float *b,
                           long b_panel, long b_row, int n, const float *bias, float *c,
-                          long c_row, int threads) {
+                          long c_row, int accumulate, int threads) {
     return -1;
 }
 int cpmctl_dense_pack(const void *w, int n, int k, void *packed, int bf16, int threads) {
@@ -52,13 +52,14 @@ int cpmctl_dense_layout(void) {
  * (cpmctl/models/dense.py): A [m][k] with element (i, c) at a[i * a_row + c * a_col]; B [k][n]
  * read in panels of NR columns, panel p's row c at b + p * b_panel + c * b_row (a packed
  * weight: b_panel = NR * k, b_row = NR; a plain row-major [k][n] matrix: b_panel = NR,
- * b_row = n); C [m][n] with row stride c_row. The loads of a panel's last, partial columns are
- * masked, so a plain B is never read past its end. */
+ * b_row = n); C [m][n] with row stride c_row, written, or added to (accumulate). The loads of
+ * a panel's last, partial columns are masked, so a plain B is never read past its end. */
 typedef struct {
     const float *a, *b, *bias;
     float *c;
     long a_row, a_col, b_panel, b_row, c_row;
     int m, k, n;
+    int accumulate;  /* 1: C += A @ B (C's values are the sums' starting points) */
 } gemm_f32;
 
 #define AHEAD 32  /* panel rows prefetched ahead: 4 KiB of a packed panel */
@@ -74,8 +75,14 @@ static inline __attribute__((always_inline)) void panel_f32(const gemm_f32 *g, i
                                          : (__mmask16)((1u << (width - 16)) - 1);
     const float *a = g->a + m0 * g->a_row;
     const long a_col = unit ? 1 : g->a_col;
+    float *out = g->c + m0 * g->c_row + n0;
     __m512 acc[MR][2];
-    for (int i = 0; i < mt; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int i = 0; i < mt; i++) {
+        acc[i][0] = g->accumulate ? _mm512_maskz_loadu_ps(lo, out + i * g->c_row)
+                                  : _mm512_setzero_ps();
+        acc[i][1] = g->accumulate ? _mm512_maskz_loadu_ps(hi, out + i * g->c_row + 16)
+                                  : _mm512_setzero_ps();
+    }
     for (int c = 0; c < g->k; c++) {
         const float *row = panel + c * g->b_row;
         _mm_prefetch((const char *)(row + AHEAD * g->b_row), _MM_HINT_T0);
@@ -93,7 +100,6 @@ static inline __attribute__((always_inline)) void panel_f32(const gemm_f32 *g, i
         b0 = _mm512_maskz_loadu_ps(lo, g->bias + n0);
         b1 = _mm512_maskz_loadu_ps(hi, g->bias + n0 + 16);
     }
-    float *out = g->c + m0 * g->c_row + n0;
     for (int i = 0; i < mt; i++) {
         _mm512_mask_storeu_ps(out + i * g->c_row, lo, _mm512_add_ps(acc[i][0], b0));
         _mm512_mask_storeu_ps(out + i * g->c_row + 16, hi, _mm512_add_ps(acc[i][1], b1));
@@ -189,8 +195,9 @@ static void run_f32(const gemm_f32 *g, int threads) {
 
 int cpmctl_dense_gemm_f32(const float *a, int m, int k, long a_row, long a_col, const float *b,
                           long b_panel, long b_row, int n, const float *bias, float *c,
-                          long c_row, int threads) {
-    const gemm_f32 g = {a, b, bias, c, a_row, a_col, b_panel, b_row, c_row, m, k, n};
+                          long c_row, int accumulate, int threads) {
+    const gemm_f32 g = {a, b, bias, c, a_row, a_col, b_panel, b_row, c_row, m, k, n,
+                        accumulate};
     run_f32(&g, threads);
     return 0;
 }
@@ -247,7 +254,7 @@ int cpmctl_dense_pack(const void *w, int n, int k, void *packed, int bf16, int t
 int cpmctl_dense_matmul(const void *x, int m_rows, int k, const void *packed, const void *bias,
                         void *y, int n, int bf16, int threads) {
     if (!bf16) {
-        const gemm_f32 g = {x, packed, bias, y, k, 1, (long)NR * k, NR, n, m_rows, k, n};
+        const gemm_f32 g = {x, packed, bias, y, k, 1, (long)NR * k, NR, n, m_rows, k, n, 0};
         run_f32(&g, threads);
         return 0;
     }

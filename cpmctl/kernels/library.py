@@ -71,7 +71,7 @@ def load() -> ctypes.CDLL | None:
     lib.cpmctl_dense_gemm_f32.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long,
         ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]
     lib.cpmctl_dense_pack.restype = ctypes.c_int
     lib.cpmctl_dense_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int]

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CpmError
+from ..kernels import dense
 from ..recipe import DataConfig
 from ..recipe.schema import span_counts
 
@@ -235,10 +236,12 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # fp32 on the CPU: cpmctl's kernel (~2x PyTorch's matmul there), else PyTorch's
+        head, add_weight_grad = dense.head_products(weight_c, min(chunk, hidden.shape[0]))
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
-                logits = (hidden_c[rows] @ weight_c.T).float()
+                logits = head(hidden_c[rows]).float()
                 picked = logits.gather(1, labels[rows, None]).squeeze(1)
                 lse = torch.logsumexp(logits, -1)
                 ce_total += ((lse - picked) * mask[rows]).sum()
@@ -256,7 +259,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                     grad_c = grad.to(dtype)
                     grad_hidden[rows] = grad_c @ weight_c
                     if dtype == torch.float32:
-                        grad_weight.addmm_(grad_c.T, hidden_c[rows])
+                        add_weight_grad(grad_c, hidden_c[rows], grad_weight)
                     else:  # a bf16 product per chunk, summed in fp32
                         grad_weight += grad_c.T @ hidden_c[rows]
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
