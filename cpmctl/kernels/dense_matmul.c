@@ -1,9 +1,9 @@
 /* y = x @ w.T + bias for fp32 or bf16 weights and activations, for x86 CPUs with AVX-512 F
- * (and AVX-512 BF16 for bf16). Built into the same library as int8_matmul.c
- * (cpmctl/infer/int8_kernel.py); cpmctl/infer/packed.py explains why it exists and checks every
- * argument before calling it. This file is only the arithmetic.
+ * (and AVX-512 BF16 for bf16), and training's strided products (gemm_f32). Built into
+ * cpmctl's kernel library (cpmctl/kernels/library.py); cpmctl/kernels/dense.py explains why it
+ * exists and checks every argument before calling it. This file is only the arithmetic.
  *
- * The weights come packed in panels of NR output channels (packed.pack): fp32
+ * The weights come packed in panels of NR output channels (dense.pack): fp32
  * [N/NR][K][NR], bf16 [N/NR][K/2][NR][2] (two consecutive inputs side by side, the pairs that
  * VDPBF16PS multiplies), zero-padded to whole panels and an even K. A panel is one contiguous
  * run, read front to back once per MR rows of x.

@@ -1,8 +1,9 @@
 /* y = x @ (scale[:, None] * w).T + bias: int8 weights, bf16 activations, for x86 CPUs with
  * AVX-512 BW + VNNI, or AVX2 (with AVX-VNNI where present). Built on first use by
- * cpmctl/infer/int8_kernel.py, which explains why it exists; this file is only the arithmetic.
+ * cpmctl/kernels/library.py; cpmctl/kernels/int8.py explains why it exists. This file is only
+ * the arithmetic.
  *
- * The weights come packed (int8_kernel.pack): blocks of ROWS output channels, and inside a
+ * The weights come packed (int8.pack): blocks of ROWS output channels, and inside a
  * block the input dimension in slices of COLS: [N/ROWS][K/COLS][ROWS][COLS] int8, zero-padded.
  * A block is one contiguous run the hardware prefetcher can follow, read once for every row of
  * x.
