@@ -6,12 +6,12 @@ bound by how fast the weights stream from memory. nn.Linear hands the plain [out
 the BLAS on every call, which streams it at a third of the memory's speed here. Two kernels do
 better, chosen per layer when it is made (`PackedLinear.kernel`):
 
-- cpmctl's own (kernels/dense.py), where the CPU
-  has AVX-512 (and AVX-512 BF16 for bf16): the weight in panels of 32 output channels, each a
-  run read front to back once per 12 input rows. A CPM-Small token's 49 matmuls (432 MB in
-  fp32) stream at 41 GB/s here, the machine's bandwidth (oneDNN: 30; nn.Linear: ~15), and a
-  256-row prefill runs no slower than oneDNN's. Each output adds its products in input order
-  whatever the batch, so a row's numbers never depend on the other rows.
+- cpmctl's own (kernels/dense.py), where the CPU has AVX-512 (and AVX-512 BF16 for bf16): the
+  weight in panels of 32 output channels, each a run read front to back once per 12 input rows.
+  A CPM-Small token's 49 matmuls (432 MB in fp32) stream at 41 GB/s here, the machine's
+  bandwidth (oneDNN: 30; nn.Linear: ~15), and a 256-row prefill runs no slower than oneDNN's.
+  Each output adds its products in input order whatever the batch, so a row's numbers never
+  depend on the other rows.
 - oneDNN's, everywhere else PyTorch has it: PyTorch exposes its weight reorder and matmul as the
   ops its own compiler uses for frozen CPU models (`torch.ops.mkldnn._reorder_linear_weight`
   once, `torch.ops.mkldnn._linear_pointwise` per call); its packed weight is an opaque tensor.

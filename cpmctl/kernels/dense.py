@@ -140,10 +140,8 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         out_features, in_features = weight.shape
         rows = x.reshape(-1, in_features).contiguous()
-        weight = weight.contiguous()
-        panel = _panel()
-        y = _gemm(rows, in_features, 1, rows.shape[0], in_features, pack(weight.detach()),
-                  panel * in_features, panel, out_features, bias)
+        weight = weight.contiguous()  # the backward reads it in place
+        y = _compute(rows, pack(weight.detach()), bias, out_features)
         ctx.save_for_backward(rows, weight)
         ctx.has_bias, ctx.input_shape = bias is not None, x.shape
         return y.view(*x.shape[:-1], out_features)
@@ -174,14 +172,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """fp32 CPU tensors of matching shapes, at least MIN_ROWS rows, the kernel built for fp32
-    here, outside autocast and torch.compile (which see F.linear and choose their own
-    kernels)."""
+    """Shapes F.linear would accept, and `_pays_for` their rows and tensors."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) \
-        and weight.dim() == 2 and x.dim() >= 2 and x.shape[-1] == weight.shape[1] \
+    return weight.dim() == 2 and x.dim() >= 2 and x.shape[-1] == weight.shape[1] \
         and (bias is None or bias.shape == weight.shape[:1]) \
-        and x.numel() >= MIN_ROWS * weight.shape[1] and torch.float32 in dtypes() \
+        and _pays_for(x.numel() // max(weight.shape[1], 1), *tensors)
+
+
+def _pays_for(rows: int, *tensors: torch.Tensor) -> bool:
+    """fp32 CPU tensors, at least MIN_ROWS rows, the kernel built for fp32 here, outside
+    autocast and torch.compile (which see F.linear and choose their own kernels)."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) \
+        and rows >= MIN_ROWS and torch.float32 in dtypes() \
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
 
 
@@ -191,18 +193,16 @@ def head_products(weight: torch.Tensor, rows: int):
     """(logits, add_weight_grad) for the fused head's chunks of `rows` hidden states against
     `weight` [vocab, d_model]: `logits(h)` = h @ weight.T, the weight packed once for every
     chunk; `add_weight_grad(g, h, into)`: into += g.T @ h, g read transposed in place. PyTorch's
-    matmul where the kernel does not pay (`_pays`). (d hidden = g @ weight, a 30,000-long
+    matmul where the kernel does not pay (`_pays_for`). (d hidden = g @ weight, a 30,000-long
     reduction, stays on PyTorch's matmul: the kernel has no blocking for it.)"""
-    probe = weight.new_empty(()).expand(rows, weight.shape[1])
-    if not _pays(probe, weight, None):
+    if not _pays_for(rows, weight):
         return (lambda h: h @ weight.T,
                 lambda g, h, into: into.addmm_(g.T, h))
     vocab, width = weight.shape
     packed, panel = pack(weight.detach()), _panel()
 
     def logits(h: torch.Tensor) -> torch.Tensor:
-        h = h.contiguous()
-        return _gemm(h, width, 1, h.shape[0], width, packed, panel * width, panel, vocab, None)
+        return _compute(h.contiguous(), packed, None, vocab)
 
     def add_weight_grad(g: torch.Tensor, h: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
         g, h = g.contiguous(), h.contiguous()
