@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cpmctl.artifacts import MANIFEST, ArtifactWriter
+from cpmctl.bench.moe import a100_load_over_compute
 from cpmctl.errors import CpmError
 from cpmctl.infer import (
     GenerationSettings,
@@ -177,10 +178,13 @@ def test_lru_keeps_experts_across_decoding_steps(models):
 
 def test_orders():
     counts = [0, 3, 1, 5, 0, 1]
-    resident = {5, 2}.__contains__
-    assert expert_order("index", counts, resident) == [1, 2, 3, 5]
-    assert expert_order("heavy-first", counts, resident) == [3, 1, 2, 5]
-    assert expert_order("resident-first", counts, resident) == [2, 5, 1, 3]
+    readiness = {5: (0, 0), 2: (0, 0), 3: (1, 7), 1: (1, 9)}.get  # 3's load started first
+    assert expert_order("index", counts, readiness) == [1, 2, 3, 5]
+    assert expert_order("heavy-first", counts, readiness) == [3, 1, 2, 5]
+    assert expert_order("resident-first", counts, readiness) == [2, 5, 3, 1]
+    absent = {5: (0, 0), 2: (0, 0)}
+    assert expert_order("resident-first", counts,
+                        lambda e: absent.get(e, (2, 0))) == [2, 5, 1, 3]
 
 
 def test_loads_run_on_the_loader_thread_ahead_of_the_compute():
@@ -359,18 +363,26 @@ def test_a_damaged_shard_is_refused_before_generating(models, cli, tmp_path, edi
 @pytest.mark.slow
 def test_bench_moe_compares_every_run_with_the_resident_tokens(models, cli):
     result = cli("bench", "moe", "--model", models["gpt-sharded"], "--new-tokens", "3",
-                 "--resident-fraction", "0.5", "--prefill-tokens", "24", "--threads", "1",
-                 "--json")
+                 "--resident-fraction", "0.5", "--prefill-tokens", "24", "--prefill-batches",
+                 "2", "--threads", "1", "--json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
     names = [run["run"] for run in report["runs"]]
     assert names == ["resident", "on-demand", "offloaded index", "offloaded heavy-first",
                      "offloaded resident-first", "offloaded heavy-first, frequency",
-                     "offloaded heavy-first, frequency, prefetch",
+                     "offloaded heavy-first, frequency, prefetch", "offloaded heavy-first, pin",
                      "disk heavy-first, cold cache", "disk heavy-first, warm cache"]
     prefill = report["prefill_runs"]
     assert [run["run"] for run in prefill] == ["prefill resident", "prefill on-demand",
-                                               "prefill offloaded heavy-first"]
+                                               "prefill offloaded heavy-first",
+                                               "prefill offloaded heavy-first, pin",
+                                               "prefill offloaded resident-first, pin, prefetch"]
+    assert report["prefill_batches"] == 2
+    assert prefill[2]["tokens"] == 2 * report["batch"]  # one new token a prompt, both batches
+    assert prefill[3]["cache_policy"] == "pin" and prefill[3]["hit_rate"] > 0
+    assert prefill[4]["prefetch"]["used"] > 0
+    for run in prefill:  # the second batch alone, warm: the first filled the cache
+        assert run["warm_prompt_tokens_per_s"] > 0 and run["vs_on_demand_warm"] > 0
     assert all(run["identical"] for run in report["runs"] + prefill)
     for run in report["runs"][1:] + prefill[1:]:
         assert run["peak_resident_expert_bytes"] <= report["memory_budget_bytes"]
@@ -378,12 +390,17 @@ def test_bench_moe_compares_every_run_with_the_resident_tokens(models, cli):
     assert report["resident_experts"] == 8  # half of 2 layers x 8 experts
     assert report["threads"] == 1
     bound = report["bound"]  # Belady: no run loads less than the fewest possible
-    assert 0 < bound["min_loads"] <= min(run["loads"] for run in report["runs"][1:7])
+    assert 0 < bound["min_loads"] <= min(run["loads"] for run in report["runs"][1:8])
     assert 0 < bound["ceiling_vs_resident"] <= 1
     assert report["runs"][6]["prefetch"]["used"] > 0
     assert [r["regime"] for r in report["regimes"]] == ["decoding",
                                                         "prefill of 24-token prompts"]
-    assert report["regimes"][1]["tokens_per_expert"] > report["regimes"][0]["tokens_per_expert"]
+    prompt_heavy = report["regimes"][1]
+    assert prompt_heavy["tokens_per_expert"] > report["regimes"][0]["tokens_per_expert"]
+    # its bandwidth gives this machine an A100's load / compute at the tokens per expert
+    nominal = report["batch"] * 24 / 8  # BASE: each expert takes an even share
+    assert prompt_heavy["simulated_load_over_compute"] == pytest.approx(
+        a100_load_over_compute(nominal, report["stored_expert_bytes"], "fp32"))
     assert "at most" in cli("bench", "moe", "--model", models["gpt-sharded"], "--new-tokens",
                             "2", "--no-disk").out  # the table and the bound, as printed
 

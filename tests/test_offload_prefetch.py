@@ -1,6 +1,8 @@
-"""The cross-layer prefetch, the frequency cache and the load bound of offloaded MoE inference:
+"""The cross-layer prefetch, the frequency and pin caches and the load bound of offloaded MoE
+inference:
 greedy output still identical to the resident model, the prefetch never taking the pipeline's
-room, its prediction accuracy counted, and Belady's minimum as the bench reports it."""
+room, its prediction accuracy counted, pinned experts hitting where LRU cannot, and Belady's
+minimum as the bench reports it."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from cpmctl.bench.moe import a100_load_over_compute, tokens_per_expert
 from cpmctl.bench.moe_bound import decode_calls, load_bound, min_loads, uses
 from cpmctl.errors import CpmError
 from cpmctl.offload import OffloadSettings
-from cpmctl.offload.engine import next_moe_layers
+from cpmctl.offload.engine import next_moe_layers, stack_wraps
 from cpmctl.offload.store import ExpertStore, Loaded
 from tests import test_offload
 from tests.test_offload import (
@@ -35,7 +37,8 @@ models = test_offload.models
 SCHEDULES = [("heavy-first", 2, 2, "host", "frequency", True),
              ("index", 2, 6, "disk", "lru", True),
              ("heavy-first", 3, 6, "host", "frequency", False),
-             ("resident-first", 2, 20, "disk", "frequency", True)]
+             ("resident-first", 2, 20, "disk", "frequency", True),
+             ("heavy-first", 3, 6, "disk", "pin", False), ("index", 2, 5, "host", "pin", True)]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -62,11 +65,13 @@ def test_prefetch_predicts_the_next_layer_and_counts_how_well(models):
     tokens, report = offloaded_tokens(models["gpt"], settings, PROMPTS)
     assert tokens == resident_tokens(models["gpt"], PROMPTS)
     p = report["prefetch"]
-    # 2 layers: only the second is predicted, once per forward pass (prefill + 3 steps)
-    assert p["used"] >= 4 and 0 < p["correct"] <= min(p["predicted"], p["used"])
+    # 2 layers: the second is predicted from the first's input at each forward pass (prefill +
+    # 3 steps), the first from its own last call at each step: 7 predicted calls
+    assert p["used"] >= 7 and 0 < p["correct"] <= min(p["predicted"], p["used"])
     assert p["recall"] == p["correct"] / p["used"]
     assert p["precision"] == p["correct"] / p["predicted"]
     first, second = report["layers"]
+    # the budget holds every expert: the first layer's guesses find theirs resident
     assert first["prefetched"] == 0 < second["prefetched"] <= p["correct"]
     assert 0 < p["loads"] and p["wasted"] <= p["loads"]
     misses = sum(layer["misses"] for layer in report["layers"])
@@ -79,6 +84,9 @@ def test_next_moe_layers_stay_in_their_stack():
              "decoder.blocks.1.moe", "decoder.blocks.2.moe"]
     assert next_moe_layers(names) == {0: 1, 2: 3, 3: 4}
     assert next_moe_layers(["blocks.0.moe", "blocks.1.moe"]) == {0: 1}
+    # after a stack's last layer: the decoder's first (the next step), a GPT's first
+    assert stack_wraps(names) == {1: 2, 4: 2}
+    assert stack_wraps(["blocks.0.moe", "blocks.1.moe"]) == {1: 0}
 
 
 def _slow_store(capacity: int, slots: int, *, policy: str = "lru", fail=()):
@@ -95,6 +103,7 @@ def _slow_store(capacity: int, slots: int, *, policy: str = "lru", fail=()):
 
 def test_a_prefetch_leaves_the_pipeline_its_room():
     store, loading = _slow_store(capacity=4, slots=2)
+    store.begin_layer(0, [0, 1])  # layer 0 runs: its pipeline needs 2 slots
     assert store.prefetch([(1, e) for e in range(5)]) == 2  # capacity - slots in flight
     assert store.prefetch([(1, 9)]) == 0
     first, second = store.request((0, 0)), store.request((0, 1))  # the pipeline's two slots
@@ -106,13 +115,15 @@ def test_a_prefetch_leaves_the_pipeline_its_room():
     while not (store.is_resident((1, 0)) and store.is_resident((1, 1))):
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    store.end_layer()  # between layers the pipeline needs no room: (1, 9) may take (0, 0)'s
+    assert store.prefetch([(1, 0), (1, 1), (1, 9)]) == 1
     used = store.request((1, 0))  # a prefetched expert, used: counted as prefetched
     store.wait(used)
     store.release(used)
     stats = store.stats.layer(1)
     assert (stats.prefetched, stats.hits, stats.misses) == (1, 0, 0)
     store.close()
-    assert store.stats.prefetch_loads == 2 and store.stats.prefetch_wasted == 1  # (1, 1)
+    assert store.stats.prefetch_loads == 3 and store.stats.prefetch_wasted == 2  # (1, 1), (1, 9)
 
 
 def test_a_failed_prefetch_holds_no_room_and_its_use_names_the_expert():
@@ -140,6 +151,53 @@ def test_frequency_keeps_the_experts_the_router_prefers(policy, evicted):
     store.release(store.request((0, 2)))
     assert not store.is_resident(evicted)
     assert all(store.is_resident(k) for k in ((0, 0), (0, 1), (0, 2)) if k != evicted)
+    store.close()
+
+
+def _cycle(store: ExpertStore, layers: int, experts: int) -> None:
+    """One pass that uses every expert of every layer once, as a long prompt's prefill does."""
+    for layer in range(layers):
+        store.begin_layer(layer, range(experts), [1] * experts)
+        for e in range(experts):
+            store.release(store.request((layer, e)))
+
+
+@pytest.mark.parametrize("policy, hits", [("lru", 4), ("frequency", 0), ("pin", 6)])
+def test_pinned_experts_hit_on_every_pass_of_a_cycle(policy, hits):
+    # 4 layers x 8 experts, room for 8 of the 32: pin keeps 6 for good (the first 2, 2, 1 and
+    # 1 experts of the layers) and the pipeline's 2 slots rotate; every pass hits those 6.
+    # Frequency evicts what comes next; LRU's even share per layer keeps some by chance.
+    store = ExpertStore(lambda key: Loaded(torch.nn.Identity(), 10, 0, 100), capacity=8,
+                        overlap=False, policy=policy, slots=2, layers=4)
+    _cycle(store, 4, 8)
+    assert sum(store.stats.layer(i).hits for i in range(4)) == 0  # the first pass: all cold
+    _cycle(store, 4, 8)
+    assert sum(store.stats.layer(i).hits for i in range(4)) == hits
+    _cycle(store, 4, 8)
+    assert sum(store.stats.layer(i).hits for i in range(4)) == 2 * hits
+    if policy == "pin":
+        kept = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (3, 0)]
+        assert all(store.is_resident(key) for key in kept)
+        assert [store.stats.layer(i).hits for i in range(4)] == [4, 4, 2, 2]  # 2 passes
+    store.close()
+
+
+def test_a_kept_expert_makes_room_when_nothing_else_can():
+    store = ExpertStore(lambda key: Loaded(torch.nn.Identity(), 10, 0, 100), capacity=3,
+                        policy="pin", slots=2, layers=1)
+
+    def use(key):
+        entry = store.request(key)
+        store.wait(entry)
+        return entry
+
+    store.release(use((0, 0)))  # kept: capacity 3 less the pipeline's 2 slots
+    pinned = [use((0, 1)), use((0, 2))]  # the rest, pinned by the pipeline
+    assert store.prefetch([(0, 4)]) == 0  # never at the cost of a kept expert
+    store.release(use((0, 3)))  # no other room: the kept one goes
+    assert not store.is_resident((0, 0)) and store.is_resident((0, 3))
+    for entry in pinned:
+        store.release(entry)
     store.close()
 
 

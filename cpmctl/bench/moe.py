@@ -10,28 +10,31 @@ Runs, in order:
    cached (InfMoE without its pipeline), the load path throttled to the simulated bandwidth.
 3. offloaded, from host memory, throttled to the simulated bandwidth, with `resident_fraction`
    of the expert memory as the budget, `slots` slots, in each order (index, heavy-first,
-   resident-first) with the LRU cache; then heavy-first with the `frequency` cache, and with
-   it the cross-layer prefetch (whose prediction accuracy is reported).
+   resident-first) with the LRU cache; then heavy-first with the `frequency` cache, with it
+   the cross-layer prefetch (whose prediction accuracy is reported), and with the `pin` cache.
 4. offloaded from the model's files for real (no throttle): once after dropping the files'
    pages from the page cache (posix_fadvise DONTNEED), once again with the cache warm; the
    bytes the process read from storage (/proc/self/io read_bytes) say what the cache served.
-5. with `prefill_tokens`, the prompt-heavy regime as rows of its own: `prefill_tokens`-token
-   prompts, one new token, resident / on-demand / offloaded, in prompt tokens per second.
+5. with `prefill_tokens`, the prompt-heavy regime as rows of its own: `prefill_batches`
+   batches of `prefill_tokens`-token prompts, one new token, generated in turn (the engine's
+   cache kept between batches), resident / on-demand / offloaded with the LRU and the `pin`
+   cache, in prompt tokens per second, at a bandwidth of its own (`_prefill_rows`).
 
 Each run's rate is given over the whole generation (prefill included: it loads too) and over
 decoding alone. Beside them, the ceiling that the routing itself sets (moe_bound.py): the
 fewest loads any cache of the budget's size needs for the experts this run used, and the
 best × resident they leave at the simulated bandwidth if every load overlapped compute.
 
-The simulated bandwidth (unless given) keeps a PCIe-4-to-accelerator ratio on this machine:
-an expert's compute while decoding is bound by the speed its weights are read at (HBM on a
-GPU, DRAM here), and a load by the bus, so the load is given this machine's measured read
-bandwidth times PCIe 4.0 x16 (~25 GB/s in practice) over an A100's HBM2 (1,555 GB/s). Taking
-the ratio against FLOP/s instead (an A100's over PCIe's bytes/s) would be right only where
-the compute is bound by arithmetic — an A100 expert at more than ~(FLOP/s / HBM bytes/s) x
-bytes per weight / 2 tokens — and would make a decoding load 200x (bf16) too dear; the
-report gives, per regime, the tokens per expert and the A100's own load / compute ratio at
-that count (roofline), next to what this simulation imposes.
+The simulated bandwidth of the decoding rows (unless given) keeps a PCIe-4-to-accelerator
+ratio on this machine: an expert's compute while decoding is bound by the speed its weights
+are read at (HBM on a GPU, DRAM here), and a load by the bus, so the load is given this
+machine's measured read bandwidth times PCIe 4.0 x16 (~25 GB/s in practice) over an A100's
+HBM2 (1,555 GB/s). Taking the ratio against FLOP/s instead (an A100's over PCIe's bytes/s)
+would be right only where the compute is bound by arithmetic — an A100 expert at more than
+~(FLOP/s / HBM bytes/s) x bytes per weight / 2 tokens — and would make a decoding load 200x
+(bf16) too dear; the report gives, per regime, the tokens per expert and the A100's own load /
+compute ratio at that count (roofline), next to what this simulation imposes. The
+prompt-heavy rows are bound by arithmetic, and get that ratio (`_prefill_rows`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class MoeBenchSettings:
     disk: bool = True
     threads: int = 0  # PyTorch's compute threads (0: its default)
     prefill_tokens: int = 0  # > 0: add the prompt-heavy rows (prompts of this many tokens)
+    prefill_batches: int = 3  # of the prompt-heavy rows, generated in turn by one engine
 
     def check(self) -> None:
         if (self.model is None) == (self.recipe is None):
@@ -78,6 +82,8 @@ class MoeBenchSettings:
         for key in ("batch", "prompt_tokens", "new_tokens"):
             if getattr(self, key) < 1:
                 raise CpmError(f"--{key.replace('_', '-')} must be at least 1")
+        if self.prefill_batches < 1:
+            raise CpmError(f"--prefill-batches must be at least 1, got {self.prefill_batches}")
         if self.prefill_tokens < 0:
             raise CpmError(f"--prefill-tokens must be 0 (off) or more, got "
                            f"{self.prefill_tokens}")
@@ -111,17 +117,24 @@ def _random_model(settings: MoeBenchSettings, folder: Path, progress) -> Path:
                               command=["cpmctl", "bench", "moe"])
 
 
-def _prompts(batch: int, tokens: int, vocab: int) -> list[list[int]]:
-    rng = np.random.default_rng(1234)
+def _prompts(batch: int, tokens: int, vocab: int, seed: int = 1234) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
     return rng.integers(10, vocab, size=(batch, tokens)).tolist()
 
 
-def _generate(model, prompts, new_tokens: int):
+def _generate(model, batches: list[list[list[int]]], new_tokens: int):
+    """Each batch of prompts generated in turn: one result over all of them (rows in order,
+    times summed), and each batch's prefill time."""
     from cpmctl.infer import GenerationSettings, SamplingSettings, generate_tokens
+    from cpmctl.infer.generate import BatchResult
 
     settings = GenerationSettings(max_new_tokens=new_tokens,
                                   sampling=SamplingSettings(temperature=0.0))
-    return generate_tokens(model, prompts, settings, eod_id=None, pad_id=0)
+    results = [generate_tokens(model, prompts, settings, eod_id=None, pad_id=0)
+               for prompts in batches]
+    return (BatchResult([row for r in results for row in r.rows],
+                        sum(r.prefill_s for r in results), sum(r.decode_s for r in results)),
+            [r.prefill_s for r in results])
 
 
 def _read_bytes() -> int | None:
@@ -145,32 +158,38 @@ def _drop_page_cache(folder: Path) -> None:
             os.close(fd)
 
 
-def _offloaded_run(path: Path, offload, prompts, new_tokens: int, dtype: str, reference,
+def _offloaded_run(path: Path, offload, batches, new_tokens: int, dtype: str, reference,
                    name: str, trace: list | None = None) -> dict:
+    """One engine generating every batch of prompts in turn (its cache kept between them)."""
     from cpmctl.offload import load_offloaded
 
     engine = load_offloaded(path, offload, dtype=dtype)
     engine.scheduler.trace = trace
     before = _read_bytes()
     try:
-        result = _generate(engine.model, prompts, new_tokens)
+        result, prefills = _generate(engine.model, batches, new_tokens)
     finally:
         engine.close()
     after = _read_bytes()
     report = engine.report(result.new_tokens, result.prefill_s + result.decode_s)
-    report.update(run=name, **_rates(result, prompts),
+    report.update(run=name, **_rates(result, batches, prefills),
                   identical=[r.tokens for r in result.rows] == reference,
                   storage_read_bytes=None if before is None else after - before)
     return report
 
 
-def _rates(result, prompts) -> dict:
+def _rates(result, batches, prefills: list[float]) -> dict:
     """New tokens per second over the whole generation (prefill included: it loads too), over
-    decoding alone, and prompt tokens per second of the prefill."""
+    decoding alone, and prompt tokens per second of the prefill: over every batch, and over
+    the batches after the first (`warm`: the first fills an offloaded run's cache, as it does
+    once in a server's life)."""
     decoded = any(len(row.tokens) > 1 for row in result.rows)  # a token fed back
+    prompt_tokens = [sum(map(len, prompts)) for prompts in batches]
+    warm = sum(prompt_tokens[1:]) / sum(prefills[1:]) if len(batches) > 1 else None
     return {"tokens_per_s": result.new_tokens / (result.prefill_s + result.decode_s),
             "decode_tokens_per_s": result.tokens_per_s if decoded else None,
-            "prompt_tokens_per_s": sum(map(len, prompts)) / result.prefill_s,
+            "prompt_tokens_per_s": sum(prompt_tokens) / result.prefill_s,
+            "warm_prompt_tokens_per_s": warm,
             "prefill_s": result.prefill_s, "decode_s": result.decode_s}
 
 
@@ -227,16 +246,17 @@ def bench_moe(settings: MoeBenchSettings, progress: Callable[[str], None]) -> di
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _resident_rates(model, prompts, new_tokens: int) -> tuple[list, dict]:
+def _resident_rates(model, batches, new_tokens: int) -> tuple[list, dict]:
     """(the greedy tokens, the rates) of the resident model."""
-    result = _generate(model, prompts, new_tokens)
-    return [r.tokens for r in result.rows], _rates(result, prompts)
+    result, prefills = _generate(model, batches, new_tokens)
+    return [r.tokens for r in result.rows], _rates(result, batches, prefills)
 
 
 def _faster(first: dict, again: dict) -> dict:
     """Each rate the better of two runs (other work on the machine slows either)."""
-    keys = ("tokens_per_s", "decode_tokens_per_s", "prompt_tokens_per_s")
-    best = {k: max(first[k] or 0.0, again[k] or 0.0) for k in keys}
+    keys = ("tokens_per_s", "decode_tokens_per_s", "prompt_tokens_per_s",
+            "warm_prompt_tokens_per_s")
+    best = {k: max(first[k] or 0.0, again[k] or 0.0) or None for k in keys}
     best["prefill_s"] = min(first["prefill_s"], again["prefill_s"])
     best["decode_s"] = min(first["decode_s"], again["decode_s"])
     return {**best, "both_runs": [{k: run[k] for k in keys} for run in (first, again)]}
@@ -263,7 +283,7 @@ def _bench(path: Path, settings: MoeBenchSettings, progress) -> dict:
                        f"needs an MoE model")
     progress("resident")
     model = prepare_for_inference(model, dtype=settings.dtype)
-    prompts = _prompts(settings.batch, settings.prompt_tokens, cfg.vocab_size)
+    prompts = [_prompts(settings.batch, settings.prompt_tokens, cfg.vocab_size)]
     _generate(model, prompts, 1)  # NOTE: warm-up: the first call pays oneDNN's set-up
     reference, resident = _resident_rates(model, prompts, settings.new_tokens)
     read_gb_s = memory_bandwidth_gb_s()
@@ -289,7 +309,9 @@ def _bench(path: Path, settings: MoeBenchSettings, progress) -> dict:
                 for order in ORDERS_COMPARED]
     best = replace(offload, order="heavy-first", policy="frequency")
     variants += [("offloaded heavy-first, frequency", best),
-                 ("offloaded heavy-first, frequency, prefetch", replace(best, prefetch=True))]
+                 ("offloaded heavy-first, frequency, prefetch", replace(best, prefetch=True)),
+                 ("offloaded heavy-first, pin", replace(offload, order="heavy-first",
+                                                        policy="pin"))]
     for name, variant in variants:
         progress(name)
         runs.append(_offloaded_run(path, variant, prompts, settings.new_tokens, settings.dtype,
@@ -317,8 +339,8 @@ def _bench(path: Path, settings: MoeBenchSettings, progress) -> dict:
                     decode_tokens, stored_bytes, settings.dtype)}]
     prefill = None
     if settings.prefill_tokens:
-        prefill, regime = _prefill_rows(path, model, cfg, settings, budget, bandwidth,
-                                        stored_bytes, progress)
+        prefill, regime = _prefill_rows(path, model, cfg, settings, budget, stored_bytes,
+                                        progress)
         regimes.append(regime)
     del model
     return {
@@ -335,39 +357,59 @@ def _bench(path: Path, settings: MoeBenchSettings, progress) -> dict:
         f"read bandwidth x {PCIE4_GB_S:g} / {HBM_GB_S:g} (PCIe 4.0 x16 over A100 HBM2)",
         "simulated_load_over_read": read_gb_s / bandwidth,
         "regimes": regimes, "bound": bound, "prefill_tokens": settings.prefill_tokens,
+        "prefill_batches": settings.prefill_batches,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": runs, "prefill_runs": prefill,
     }
 
 
 def _prefill_rows(path: Path, model, cfg, settings: MoeBenchSettings, budget: int,
-                  bandwidth: float, stored_bytes: int, progress) -> tuple[list[dict], dict]:
-    """The prompt-heavy regime: long prompts, one new token; rates in prompt tokens/s."""
+                  stored_bytes: int, progress) -> tuple[list[dict], dict]:
+    """The prompt-heavy regime: `prefill_batches` batches of long prompts, one new token each,
+    generated in turn by one engine (its cache kept between them, as a server's is); rates in
+    prompt tokens/s.
+
+    The simulated bandwidth (unless given) gives one expert's load on this machine the ratio to
+    its compute that an A100 has over PCIe 4.0 x16 at the same tokens per expert (roofline,
+    `a100_load_over_compute`): here a prompt-heavy expert is bound by arithmetic, not by reading
+    its weights, so the decoding rule (read bandwidth x PCIe / HBM) would not be PCIe-like."""
     from cpmctl.offload import OffloadSettings
 
-    prompts = _prompts(settings.batch, settings.prefill_tokens, cfg.vocab_size)
-    progress(f"prefill: {settings.batch} x {settings.prefill_tokens}-token prompts, resident")
-    reference, first = _resident_rates(model, prompts, 1)
+    batches = [_prompts(settings.batch, settings.prefill_tokens, cfg.vocab_size, seed)
+               for seed in range(1234, 1234 + settings.prefill_batches)]
+    nominal = settings.batch * settings.prefill_tokens * cfg.moe.top_k / cfg.moe.experts
+    compute_s = _expert_compute_s(model, max(1, round(nominal)))
+    a100 = a100_load_over_compute(nominal, stored_bytes, settings.dtype)
+    bandwidth = settings.bandwidth_gb_s or stored_bytes / (a100 * compute_s) / 1e9
+    progress(f"prefill: {settings.prefill_batches} batches of {settings.batch} x "
+             f"{settings.prefill_tokens}-token prompts, resident")
+    reference, first = _resident_rates(model, batches, 1)
     rows = [{"run": "prefill resident", **first, "identical": True}]
     trace: list = []
     progress("prefill: on-demand")
     sync = OffloadSettings(memory_budget=budget, slots=1, tier="host", overlap=False,
                            cache=False, simulate_bandwidth=bandwidth)
-    rows.append(_offloaded_run(path, sync, prompts, 1, settings.dtype, reference,
+    rows.append(_offloaded_run(path, sync, batches, 1, settings.dtype, reference,
                                "prefill on-demand", trace))
-    progress("prefill: offloaded heavy-first")
     offload = OffloadSettings(memory_budget=budget, slots=settings.slots, tier="host",
                               simulate_bandwidth=bandwidth, order="heavy-first")
-    rows.append(_offloaded_run(path, offload, prompts, 1, settings.dtype, reference,
-                               "prefill offloaded heavy-first"))
-    rows[0].update(_faster(first, _resident_rates(model, prompts, 1)[1]))
+    pinned = replace(offload, policy="pin")
+    for name, variant in (("prefill offloaded heavy-first", offload),
+                          ("prefill offloaded heavy-first, pin", pinned),
+                          ("prefill offloaded resident-first, pin, prefetch",
+                           replace(pinned, order="resident-first", prefetch=True))):
+        progress(name.replace("prefill ", "prefill: "))
+        rows.append(_offloaded_run(path, variant, batches, 1, settings.dtype, reference, name))
+    rows[0].update(_faster(first, _resident_rates(model, batches, 1)[1]))
     _ratios(rows, "prompt_tokens_per_s", "")
+    _ratios(rows, "warm_prompt_tokens_per_s", "_warm")
     tokens = tokens_per_expert(trace)
-    compute_s = _expert_compute_s(model, max(1, round(tokens)))
     regime = {"regime": f"prefill of {settings.prefill_tokens}-token prompts",
               "tokens_per_expert": tokens,
               "a100_load_over_compute": a100_load_over_compute(tokens, stored_bytes,
                                                                settings.dtype),
-              "expert_compute_s": compute_s,
+              "expert_compute_s": compute_s, "simulated_bandwidth_gb_s": bandwidth,
+              "bandwidth_rule": "given" if settings.bandwidth_gb_s else
+              f"load / compute of an A100 over PCIe 4.0 x16 at {nominal:.0f} tokens per expert",
               "simulated_load_over_compute": stored_bytes / (bandwidth * 1e9) / compute_s}
     return rows, regime

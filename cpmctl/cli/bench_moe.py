@@ -38,12 +38,15 @@ def moe(
     prefill_tokens: int = typer.Option(
         0, help="Also the prompt-heavy regime: prompts of this many tokens, one new token, "
                 "in prompt tokens/s (0: off)."),
+    prefill_batches: int = typer.Option(
+        3, help="Batches of prompt-heavy prompts, generated in turn by one engine (its cache "
+                "kept between them)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Generate with the experts offloaded (25% resident by default, loads throttled to a
     simulated PCIe-like bandwidth), in each expert order, against the fully resident model
     and against synchronous on-demand loading, in one run on the same prompts: LRU and
-    frequency caches, with and without the cross-layer prefetch; then read from the model's
+    frequency caches, with and without the cross-layer prefetch, and pin; then read from the model's
     files for real, with the page cache cold and warm. Every run's tokens are compared with
     the resident model's. Beside the runs: the fewest loads any cache of the budget's size
     needs for this routing (Belady), and the ceiling on x resident they leave.
@@ -57,7 +60,7 @@ def moe(
         batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
         resident_fraction=resident_fraction, slots=slots, bandwidth_gb_s=simulate_bandwidth,
         dtype=dtype, workdir=str(workdir) if workdir else None, disk=disk, threads=threads,
-        prefill_tokens=prefill_tokens), progress=info)
+        prefill_tokens=prefill_tokens, prefill_batches=prefill_batches), progress=info)
     if as_json:
         print(json.dumps(report, indent=1))
         return
@@ -107,17 +110,22 @@ def moe(
                   f"{100 * p['precision']:.1f}%); {p['loads']} prefetch loads, {p['wasted']} "
                   f"never used")
     if report["prefill_runs"]:
-        rows = Table(title=f"prompt-heavy regime: {report['batch']} prompts of "
-                           f"{report['prefill_tokens']} tokens, 1 new token",
-                     title_justify="left")
-        for column in ("run", "prompt tok/s", "x resident", "x on-demand", "hit rate",
-                       "moved/token", "stall s", "peak resident", "storage read",
-                       "same tokens"):
+        regime = report["regimes"][-1]
+        console.print("warm: the batches after the first, which fills the cache")
+        rows = Table(title=f"prompt-heavy regime: {report['prefill_batches']} batches of "
+                           f"{report['batch']} prompts of {report['prefill_tokens']} tokens, "
+                           f"1 new token; simulated {regime['simulated_bandwidth_gb_s']:.3f} "
+                           f"GB/s ({regime['bandwidth_rule']})", title_justify="left")
+        for column in ("run", "prompt tok/s", "x resident", "x on-demand", "warm tok/s",
+                       "warm x res.", "warm x on-d.", "hit rate", "moved/token", "stall s",
+                       "peak resident", "storage read", "same tokens"):
             rows.add_column(column, justify="right")
         for run in report["prefill_runs"]:
             rows.add_row(run["run"], f"{run['prompt_tokens_per_s']:.1f}",
                          f"{run['vs_resident']:.3f}", f"{run['vs_on_demand']:.2f}",
-                         *_offload_cells(run))
+                         _number(run["warm_prompt_tokens_per_s"], 1),
+                         _number(run["vs_resident_warm"], 3),
+                         _number(run["vs_on_demand_warm"]), *_offload_cells(run))
         console.print(rows)
     main = next(r for r in report["runs"] if r["run"] == "offloaded heavy-first")
     layers = Table(title="hit rate per MoE layer (offloaded heavy-first; with frequency + "

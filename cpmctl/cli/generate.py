@@ -108,7 +108,8 @@ def generate(
                                      "a measured cost model says that beats copying it."),
     cache_policy: str = typer.Option(
         "lru", help="--offload: which cached expert makes room: lru (least recently used, an "
-                    "even share per layer) or frequency (the least routed to so far)."),
+                    "even share per layer), frequency (the least routed to so far) or pin "
+                    "(each layer keeps the first experts it loads; the rest rotate)."),
     prefetch: bool = typer.Option(
         False, "--prefetch", help="--offload: while a layer computes, load the experts the "
                                   "next layer's router picks for its input."),

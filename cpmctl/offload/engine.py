@@ -74,7 +74,7 @@ class OffloadSettings:
     cpu_compute: bool = False
     """CUDA only: compute a cold expert on the CPU when the cost model says it is faster."""
     policy: str = "lru"
-    """Which cached expert is evicted: lru (per-layer share) or frequency (store.py)."""
+    """Which cached expert is evicted: lru (per-layer share), frequency or pin (store.py)."""
     prefetch: bool = False
     """Load the experts the next layer's router picks for this layer's input (schedule.py)."""
 
@@ -252,7 +252,9 @@ def load_offloaded(path: str | Path, settings: OffloadSettings, *, dtype: str = 
         store = ExpertStore(load, capacity=capacity, overlap=settings.overlap,
                             cache=settings.cache, device=target,
                             simulate_bandwidth=settings.simulate_bandwidth * 1e9 or None,
-                            policy=settings.policy, slots=settings.slots)
+                            policy=settings.policy, slots=settings.slots,
+                            layers=len(layers),
+                            reserve=settings.slots if settings.prefetch else 0)
         cost_model = cpu_expert = None
         if settings.cpu_compute:
             cpu_dtype = DTYPES[dtype] if dtype in DTYPES else torch.float32
@@ -276,7 +278,8 @@ def load_offloaded(path: str | Path, settings: OffloadSettings, *, dtype: str = 
         scheduler = LayerScheduler(store, {i: m.n_experts for i, (_, m) in enumerate(layers)},
                                    slots=settings.slots, order=settings.order,
                                    cpu_expert=cpu_expert,
-                                   predict=_predictor(layers) if settings.prefetch else None)
+                                   predict=_predictor(layers) if settings.prefetch else None,
+                                   wrap=stack_wraps([name for name, _ in layers]))
         for index, (_, moe) in enumerate(layers):
             moe.run_experts = functools.partial(scheduler.run, index)
     except BaseException:
@@ -300,6 +303,17 @@ def next_moe_layers(names: list[str]) -> dict[int, int]:
             if nxt is not None:
                 following[index] = nxt
     return following
+
+
+def stack_wraps(names: list[str]) -> dict[int, int]:
+    """Each stack's last MoE layer -> the MoE layer that runs after it: the first of the last
+    stack (a GPT's blocks, an encoder-decoder's decoder), which runs after the encoder once
+    and after its own last layer at every decoding step and every new batch."""
+    stacks: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        stacks.setdefault(name.rpartition(".")[0].rpartition(".")[0], []).append(index)
+    first = list(stacks.values())[-1][0] if stacks else 0
+    return {indices[-1]: first for indices in stacks.values()}
 
 
 def _predictor(layers: list[tuple[str, MoeFFN]]):

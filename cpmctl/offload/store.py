@@ -8,8 +8,12 @@ Tiers, coldest first:
 - slots: experts prepared for compute (the model's dtype, int8, oneDNN-packed, on the
   device), at most `capacity` of them, within the memory budget; on a CPU-only machine the
   slots are the resident-RAM budget. They are kept across layers and decoding steps, and
-  evicted by a policy: `lru` (least recently used, an even share per layer) or `frequency`
-  (the lowest share of its layer's tokens so far: the experts the router prefers stay).
+  evicted by a policy: `lru` (least recently used, an even share per layer), `frequency`
+  (the lowest share of its layer's tokens so far: the experts the router prefers stay) or
+  `pin` (each layer keeps the first experts it loads for good, an even share of the slots
+  the pipeline does not need; the other slots rotate, least recently used first). A long
+  prompt's prefill touches every expert of every layer once a pass: a cycle in which LRU and
+  frequency evict exactly what comes next, and pinned experts hit on every later pass.
 
 A load is: fetch the stored tensors from the expert's tier, then prepare them into a slot
 (`Preparer`) — on CUDA, on a copy stream whose event the compute stream waits for. Loads run
@@ -23,9 +27,12 @@ oneDNN-packed weight, which has none, at its logical size), plus the temporaries
 in flight, and their peak is reported.
 
 A prefetch (`prefetch`) starts the load of an expert that a prediction says the next layer will
-use, without pinning it: it never takes the room the running pipeline needs (at most
-`capacity - slots` prefetches are in flight), never evicts what the running layer or the
-prediction wants, and an expert still loading is never evicted.
+use, without pinning it: it never takes the room the running pipeline needs (while a layer
+runs, at most `capacity - slots` prefetches are in flight, less the experts `pin` keeps; between
+layers the pipeline needs none; `pin` with prefetches keeps `reserve` more slots rotating for
+them), never evicts what the running layer still wants or the prediction wants, never a kept
+expert, and an expert still loading is never evicted. A load the running layer asks for
+evicts, if it can, neither.
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ def storage_ids(tensors) -> set[int]:
     return ids
 
 
-POLICIES = ("lru", "frequency")
+POLICIES = ("lru", "frequency", "pin")
 
 
 @dataclass
@@ -115,6 +122,8 @@ class Entry:
     pins: int = 0
     event: object = None  # a CUDA event the compute stream waits for
     unused_prefetch: bool = False  # loaded by a prefetch, not used yet
+    kept: bool = False  # `pin`: evicted only when nothing else can go
+    seq: int = 0  # the order loads were started in (the loader runs them in this order)
 
     @property
     def evictable(self) -> bool:
@@ -137,11 +146,13 @@ class ExpertStore:
     def __init__(self, load: Callable[[Key], Loaded], *, capacity: int, overlap: bool = True,
                  cache: bool = True, device: torch.device | None = None,
                  simulate_bandwidth: float | None = None, policy: str = "lru",
-                 slots: int = 2):
+                 slots: int = 2, layers: int = 1, reserve: int = 0):
         self._load = load
         self.capacity = capacity
         self.policy = policy
         self.slots = slots  # the most a layer's pipeline pins at once
+        self.layers = layers  # MoE layers (`pin` shares its kept experts among them)
+        self.reserve = reserve  # `pin`: slots kept for prefetches beside the pipeline's
         self._frequency: dict[Key, float] = {}  # see begin_layer
         self.overlap = overlap
         self.cache = cache
@@ -151,6 +162,8 @@ class ExpertStore:
         self._entries: OrderedDict[Key, Entry] = OrderedDict()
         self._wanted: set[Key] = set()
         self._predicted: set[Key] = set()
+        self._running = False  # between begin_layer and end_layer
+        self._started = 0  # entries made so far (their seq)
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="cpmctl-expert-loader") \
             if overlap else None
@@ -162,6 +175,30 @@ class ExpertStore:
         with self._lock:
             entry = self._entries.get(key)
             return entry is not None and entry.module is not None
+
+    def holds(self, key: Key) -> bool:
+        """Resident or loading."""
+        with self._lock:
+            return key in self._entries
+
+    def has_room(self) -> bool:
+        """Whether one more expert can be loaded without evicting one that the running layer
+        still wants, that a prediction wants, or that `pin` keeps."""
+        with self._lock:
+            if len(self._entries) < self.capacity:
+                return True
+            protected = self._wanted | self._predicted
+            return any(e.evictable and k not in protected and not e.kept
+                       for k, e in self._entries.items())
+
+    def readiness(self, key: Key) -> tuple[int, int]:
+        """A sort key, soonest ready first: resident, then loading (in the order the loader
+        takes them), then neither."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return (2, 0)
+            return (0, 0) if entry.module is not None else (1, entry.seq)
 
     def request(self, key: Key) -> Entry:
         """Pin `key` and start its load if it is not resident (or loading)."""
@@ -178,8 +215,8 @@ class ExpertStore:
                 entry.pins += 1
                 return entry
             stats.misses += 1
-            self._make_room(self._wanted)
-            entry = self._entries[key] = Entry(key, pins=1)
+            self._make_room(self._wanted | self._predicted)
+            entry = self._entries[key] = self._new_entry(key, pins=1)
         if self._loader is not None:
             entry.future = self._loader.submit(self._timed_load, entry)
         else:  # synchronous: the compute waits for the whole load
@@ -210,8 +247,10 @@ class ExpertStore:
     def release(self, entry: Entry) -> None:
         with self._lock:
             entry.pins -= 1
-            if not self.cache and entry.pins == 0:
-                self._entries.pop(entry.key, None)
+            if entry.pins == 0:
+                self._wanted.discard(entry.key)  # computed: the running layer is done with it
+                if not self.cache:
+                    self._entries.pop(entry.key, None)
 
     def begin_layer(self, layer: int, experts, tokens: list[int] | None = None) -> None:
         """The experts the layer about to run will use (evicted last while it runs), and the
@@ -222,10 +261,17 @@ class ExpertStore:
         with self._lock:
             self._wanted = {(layer, e) for e in experts}
             self._predicted = set()
+            self._running = True
             total = sum(tokens or ())
             for e, n in enumerate(tokens or ()):
                 if n:
                     self._frequency[(layer, e)] = self._frequency.get((layer, e), 0.0) + n / total
+
+    def end_layer(self) -> None:
+        """The running layer has computed its experts: its pipeline needs no room now."""
+        with self._lock:
+            self._wanted = set()
+            self._running = False
 
     def prefetch(self, keys) -> int:
         """Start loading the predicted `keys` (most wanted first) that are not resident, as
@@ -242,12 +288,14 @@ class ExpertStore:
                     continue
                 loading = sum(1 for e in self._entries.values() if e.pins == 0
                               and e.module is None)
-                if loading + 1 > self.capacity - self.slots:
+                kept = sum(e.kept for e in self._entries.values())
+                pipeline = self.slots if self._running else 0
+                if loading + 1 > self.capacity - pipeline - kept:
                     break
                 if not self._make_room(self._wanted | self._predicted, strict=True,
                                        outranked_by=key):
                     break
-                entry = self._entries[key] = Entry(key, unused_prefetch=True)
+                entry = self._entries[key] = self._new_entry(key, unused_prefetch=True)
                 started.append(entry)
             self.stats.prefetch_loads += len(started)
         for entry in started:
@@ -265,6 +313,20 @@ class ExpertStore:
                     del self._entries[entry.key]
             raise
 
+    def _new_entry(self, key: Key, **fields) -> Entry:
+        self._started += 1
+        return Entry(key, kept=self._keeps(key), seq=self._started, **fields)
+
+    def _keeps(self, key: Key) -> bool:
+        """`pin`: whether a new entry for `key` is kept for good (lock held): while its layer
+        keeps fewer than its share of `capacity - slots - reserve` (the first layers get the
+        remainder)."""
+        if self.policy != "pin":
+            return False
+        total = self.capacity - self.slots - self.reserve
+        share = total // self.layers + (key[0] < total % self.layers)
+        return sum(e.kept for k, e in self._entries.items() if k[0] == key[0]) < share
+
     def _make_room(self, protected: set[Key], *, strict: bool = False,
                    outranked_by: Key | None = None) -> bool:
         """Evict loaded, unpinned experts until one more fits (lock held); False if `strict`
@@ -278,6 +340,9 @@ class ExpertStore:
         layer's share even makes it a per-layer LRU, as mixtral-offloading keeps."""
         while len(self._entries) >= self.capacity:
             free = [k for k, e in self._entries.items() if e.evictable]
+            if self.policy == "pin":  # a kept expert goes only when nothing else can
+                rotating = [k for k in free if not self._entries[k].kept]
+                free = rotating if rotating or strict else free
             unprotected = [k for k in free if k not in protected]
             if outranked_by is not None and self.policy == "frequency":
                 rank = self._frequency.get(outranked_by, 0.0)
@@ -293,9 +358,12 @@ class ExpertStore:
 
     def _victim(self, candidates: list[Key]) -> Key:
         """`lru`: from the layer holding the most slots, its least recently used;
-        `frequency`: the lowest routing frequency so far, least recently used among equals."""
+        `frequency`: the lowest routing frequency so far, least recently used among equals;
+        `pin`: the least recently used (of the rotating ones, which `_make_room` offers)."""
         if self.policy == "frequency":
             return min(candidates, key=lambda k: self._frequency.get(k, 0.0))  # LRU on ties
+        if self.policy == "pin":
+            return candidates[0]
         held: dict[int, int] = {}
         for layer, _ in self._entries:
             held[layer] = held.get(layer, 0) + 1
