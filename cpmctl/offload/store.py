@@ -187,9 +187,7 @@ class ExpertStore:
         with self._lock:
             if len(self._entries) < self.capacity:
                 return True
-            protected = self._wanted | self._predicted
-            return any(e.evictable and k not in protected and not e.kept
-                       for k, e in self._entries.items())
+            return bool(self._evictable(self._wanted | self._predicted, strict=True)[1])
 
     def readiness(self, key: Key) -> tuple[int, int]:
         """A sort key, soonest ready first: resident, then loading (in the order the loader
@@ -339,11 +337,7 @@ class ExpertStore:
         step needs (measured: hit rate 0 at 25% resident, 8 layers x 16 experts); keeping each
         layer's share even makes it a per-layer LRU, as mixtral-offloading keeps."""
         while len(self._entries) >= self.capacity:
-            free = [k for k, e in self._entries.items() if e.evictable]
-            if self.policy == "pin":  # a kept expert goes only when nothing else can
-                rotating = [k for k in free if not self._entries[k].kept]
-                free = rotating if rotating or strict else free
-            unprotected = [k for k in free if k not in protected]
+            free, unprotected = self._evictable(protected, strict=strict)
             if outranked_by is not None and self.policy == "frequency":
                 rank = self._frequency.get(outranked_by, 0.0)
                 unprotected = [k for k in unprotected if self._frequency.get(k, 0.0) < rank]
@@ -355,6 +349,15 @@ class ExpertStore:
             if self._entries.pop(victim).unused_prefetch:
                 self.stats.prefetch_wasted += 1
         return True
+
+    def _evictable(self, protected: set[Key], *, strict: bool) -> tuple[list[Key], list[Key]]:
+        """(the loaded, unpinned experts that may go, those of them not `protected`), lock
+        held. A kept expert (`pin`) may go only when nothing else can, and never if `strict`."""
+        free = [k for k, e in self._entries.items() if e.evictable]
+        if self.policy == "pin":
+            rotating = [k for k in free if not self._entries[k].kept]
+            free = rotating if rotating or strict else free
+        return free, [k for k in free if k not in protected]
 
     def _victim(self, candidates: list[Key]) -> Key:
         """`lru`: from the layer holding the most slots, its least recently used;
