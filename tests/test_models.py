@@ -17,7 +17,7 @@ from torch import nn
 from cpmctl.errors import CpmError
 from cpmctl.models import ModelConfig, MoeConfig, build_model, count_parameters
 from cpmctl.models.hf import to_transformers
-from cpmctl.models.layers import GatedGeluFFN
+from cpmctl.models.layers import GatedGeluFFN, rms_norm
 from cpmctl.models.moe import MoeFFN, balanced_assignment
 
 transformers = pytest.importorskip("transformers")
@@ -435,3 +435,19 @@ def test_gpt_rejects_input_longer_than_max_positions():
     model = build_model(gpt_cfg())
     with pytest.raises(CpmError, match="model.max_positions"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_fused_form_equals_the_fp32_arithmetic(dtype):
+    """The fused call and the composed fp32 arithmetic agree to the bit, and a weight of another
+    dtype than the input's still normalises in fp32."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 96) * 7).to(dtype)
+    weight = torch.randn(96).to(dtype)
+    x32 = x.float()
+    composed = (weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6))).to(dtype)
+    assert torch.equal(rms_norm(x, weight, 1e-6), composed)
+    mixed = rms_norm(x, weight.float(), 1e-6)
+    assert mixed.dtype == dtype
+    assert torch.equal(mixed, (weight.float() * (x32 * torch.rsqrt(
+        x32.pow(2).mean(-1, keepdim=True) + 1e-6))).to(dtype))
