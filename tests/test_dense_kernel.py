@@ -20,9 +20,20 @@ def dtype(request, monkeypatch):
     monkeypatch.delenv(library.KERNEL_ENV, raising=False)
     library.load.cache_clear()
     if packed.kernel_for(request.param) != CPMCTL:
-        pytest.skip(f"no cpmctl dense kernel for {request.param} here (needs AVX-512)")
+        pytest.skip(f"no cpmctl dense kernel for {request.param} here (needs AVX2 + FMA "
+                    "or AVX-512)")
     yield request.param
     library.load.cache_clear()
+
+
+def kernel_for_training(monkeypatch):
+    """Training's products on this CPU's kernel variant, whether or not training would pick it
+    here (its strided form is compiled, and checked, for every variant)."""
+    monkeypatch.delenv(library.KERNEL_ENV, raising=False)
+    library.load.cache_clear()
+    if dense.variant() is None:
+        pytest.skip("no cpmctl dense kernel here (needs AVX2 + FMA or AVX-512)")
+    monkeypatch.setattr(dense, "TRAINING_VARIANTS", (dense.variant(),))
 
 
 def layer(out_features, in_features, dtype, bias=True, seed=0):
@@ -86,10 +97,7 @@ def test_the_dense_op_traces_through_its_fake(dtype):
 def test_training_linear_and_its_gradients_are_the_products(shape, bias, monkeypatch):
     """dense.linear's forward and its three gradients against float64 autograd, for ragged
     widths (a plain B's last panel is read masked) and batched inputs."""
-    monkeypatch.delenv(library.KERNEL_ENV, raising=False)
-    library.load.cache_clear()
-    if torch.float32 not in dense.dtypes():
-        pytest.skip("no cpmctl fp32 kernel here (needs AVX-512)")
+    kernel_for_training(monkeypatch)
     torch.manual_seed(1)
     out_features, in_features = shape
     x = torch.randn(3, 29, in_features, requires_grad=True)  # 87 rows: past MIN_ROWS
@@ -109,12 +117,15 @@ def test_training_linear_and_its_gradients_are_the_products(shape, bias, monkeyp
     library.load.cache_clear()
 
 
-def test_training_linear_hands_over_to_f_linear_where_the_kernel_does_not_pay():
+def test_training_linear_hands_over_to_f_linear_where_the_kernel_does_not_pay(monkeypatch):
     weight = torch.randn(8, 16)
     for x, why in ((torch.randn(4, 16), "too few rows"),
                    (torch.randn(100, 16, dtype=torch.float64), "not fp32")):
         y = dense.linear(x, weight.to(x.dtype))
         assert torch.equal(y, F.linear(x, weight.to(x.dtype))), why
+    monkeypatch.setattr(dense, "TRAINING_VARIANTS", ())  # a variant that loses to MKL
+    x = torch.randn(100, 16, requires_grad=True)
+    assert type(dense.linear(x, weight).grad_fn).__name__ != "_LinearBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert dense.linear(torch.randn(100, 16), weight).dtype == torch.bfloat16
     with pytest.raises(RuntimeError):  # F.linear's own error for mismatched widths
@@ -124,10 +135,7 @@ def test_training_linear_hands_over_to_f_linear_where_the_kernel_does_not_pay():
 def test_the_fused_heads_products(monkeypatch):
     """logits = h @ W.T against the packed weight, and into += g.T @ h (added to what `into`
     holds), against float64, for a vocabulary that ends mid-panel."""
-    monkeypatch.delenv(library.KERNEL_ENV, raising=False)
-    library.load.cache_clear()
-    if torch.float32 not in dense.dtypes():
-        pytest.skip("no cpmctl fp32 kernel here (needs AVX-512)")
+    kernel_for_training(monkeypatch)
     torch.manual_seed(2)
     weight, h, g = torch.randn(1003, 48), torch.randn(100, 48), torch.randn(100, 1003)
     logits, add_weight_grad = dense.head_products(weight, 100)

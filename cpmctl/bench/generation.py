@@ -179,6 +179,11 @@ def measure(spec: dict) -> dict:
         from cpmctl.kernels.int8 import kernel_name
 
         record["int8_kernel"] = kernel_name()
+    elif spec["impl"] != "transformers" and spec["device"] == "cpu":
+        from cpmctl.infer.packed import kernel_name
+
+        record["matmul_kernel"] = kernel_name(torch.float32 if spec["precision"] == "fp32"
+                                              else torch.bfloat16)
     return record
 
 

@@ -181,6 +181,9 @@ def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tok
                   "reads (an encoder-decoder's decoder and head); GB/s: those bytes x decoding "
                   f"steps per second, against a memory read bandwidth of "
                   f"{report['memory_bandwidth_gb_s']:.2f} GB/s measured in this run")
+    dense = {r["precision"]: r["matmul_kernel"] for r in report["runs"] if "matmul_kernel" in r}
+    if dense:
+        console.print("fp32/bf16 matmuls: " + ", ".join(f"{p} {k}" for p, k in dense.items()))
     kernels = sorted({r["int8_kernel"] for r in report["runs"] if "int8_kernel" in r})
     if kernels:
         console.print(f"int8 matmuls: {', '.join(kernels)} (CPMCTL_INT8_KERNEL=torch picks "

@@ -6,10 +6,12 @@ bound by how fast the weights stream from memory. nn.Linear hands the plain [out
 the BLAS on every call, which streams it at a third of the memory's speed here. Two kernels do
 better, chosen per layer when it is made (`PackedLinear.kernel`):
 
-- cpmctl's own (kernels/dense.py), where the CPU has AVX-512 (and AVX-512 BF16 for bf16): the
-  weight in panels of 32 output channels, each a run read front to back once per 12 input rows.
-  A CPM-Small token's 49 matmuls (432 MB in fp32) stream at 41 GB/s here, the machine's
-  bandwidth (oneDNN: 30; nn.Linear: ~15), and a 256-row prefill runs no slower than oneDNN's.
+- cpmctl's own (kernels/dense.py), where the CPU has AVX2 + FMA or AVX-512 (bf16 on AVX-512
+  needs AVX-512 BF16): the weight in panels of 32 output channels, each a run read front to
+  back once per 12 (AVX-512) or 3 (AVX2) input rows. A CPM-Small token's 49 matmuls (432 MB in
+  fp32) stream at 41 GB/s on a Zen 5 VM with AVX-512, the machine's bandwidth (oneDNN: 30;
+  nn.Linear: ~15), and at ~22 GB/s on a Zen 3 with AVX2 (oneDNN: ~16); a 256-row prefill runs
+  no slower than oneDNN's.
   Each output adds its products in input order whatever the batch, so a row's numbers never
   depend on the other rows.
 - oneDNN's, everywhere else PyTorch has it: PyTorch exposes its weight reorder and matmul as the
@@ -97,6 +99,13 @@ def kernel_for(dtype: torch.dtype) -> str | None:
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     return ONEDNN if _probe(dtype) else None
+
+
+def kernel_name(dtype: torch.dtype) -> str:
+    """What PackedLinears of `dtype` run here, for reports: "cpmctl <variant>" (avx512, avx2),
+    "onednn" or "torch linear"."""
+    kernel = kernel_for(dtype)
+    return f"cpmctl {dense.variant()}" if kernel == CPMCTL else kernel or "torch linear"
 
 
 def pack_linears(model: nn.Module) -> nn.Module:

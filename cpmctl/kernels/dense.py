@@ -1,19 +1,22 @@
 """cpmctl's fp32/bf16 matmul (dense_matmul.c, in the kernel library: library.py), for x86 CPUs
-with AVX-512 (and AVX-512 BF16 for bf16).
+with AVX-512 (fp32; bf16 with AVX-512 BF16) or AVX2 + FMA (fp32 and bf16).
 
-Why: on this machine (a 2-core AMD EPYC) PyTorch's fp32 matmul (MKL) runs at ~110-180 GFLOP/s,
+Why: on a 2-core AMD EPYC with AVX-512 PyTorch's fp32 matmul (MKL) runs at ~110-180 GFLOP/s,
 and its matrix-vector products stream weights at a third of the memory's speed; the kernel's
 plain register-blocked loop (12 rows x 32 columns of fp32 accumulators, one FMA each per input)
 reaches 300-400 GFLOP/s on CPM-Small's training shapes and the memory's bandwidth on a decoding
-step. Each output adds its products in input order whatever the number of rows, so a row's
+step. On a 2-core Zen 3 (AVX2, no AVX-512) its 3-row passes stream a CPM-Small token's weights
+at ~22 GB/s (oneDNN's packed layers: ~16) and multiply 32-row prefill blocks at ~95-110
+GFLOP/s (MKL: ~75), but training's 1,024-row products at ~95 against MKL's 107-137.
+Each output adds its products in input order whatever the number of rows, so a row's
 result never depends on the batch it is computed in.
 
 Two uses:
 - inference (infer/packed.py): `pack` a weight once into panels, `matmul` per call (fp32 and
-  bf16);
-- training (`linear`, fp32): the forward packs the weight (a copy, ~5% of the product), the
-  backward multiplies the plain weight and activations in place through the kernel's strided
-  form, `cpmctl_dense_gemm_f32`.
+  bf16), wherever the kernel is built;
+- training (`linear`, fp32), on the variants in TRAINING_VARIANTS: the forward packs the weight
+  (a copy, ~5% of the product), the backward multiplies the plain weight and activations in
+  place through the kernel's strided form, `cpmctl_dense_gemm_f32`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ def dtypes() -> tuple[torch.dtype, ...]:
     if not layout:
         return ()
     return (torch.float32, torch.bfloat16) if layout >> 16 & 1 else (torch.float32,)
+
+
+TRAINING_VARIANTS = ("avx512",)
+"""The kernel variants training's products run on (AVX2's loses to MKL at training's shapes)."""
+
+
+def variant() -> str | None:
+    """The kernel library's dense variant here ("avx512", "avx2"), None where it has none."""
+    lib = library.load()
+    return lib.cpmctl_dense_variant().decode() if lib is not None and dtypes() else None
 
 
 def _panel() -> int:
@@ -180,10 +193,10 @@ def _pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
 
 
 def _pays_for(rows: int, *tensors: torch.Tensor) -> bool:
-    """fp32 CPU tensors, at least MIN_ROWS rows, the kernel built for fp32 here, outside
+    """fp32 CPU tensors, at least MIN_ROWS rows, a variant in TRAINING_VARIANTS here, outside
     autocast and torch.compile (which see F.linear and choose their own kernels)."""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) \
-        and rows >= MIN_ROWS and torch.float32 in dtypes() \
+        and rows >= MIN_ROWS and variant() in TRAINING_VARIANTS \
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
 
 

@@ -1,7 +1,8 @@
 /* y = x @ w.T + bias for fp32 or bf16 weights and activations, for x86 CPUs with AVX-512 F
- * (and AVX-512 BF16 for bf16), and training's strided products (gemm_f32). Built into
- * cpmctl's kernel library (cpmctl/kernels/library.py); cpmctl/kernels/dense.py explains why it
- * exists and checks every argument before calling it. This file is only the arithmetic.
+ * (and AVX-512 BF16 for bf16) or AVX2 + FMA, and training's strided products (gemm_f32).
+ * Built into cpmctl's kernel library (cpmctl/kernels/library.py); cpmctl/kernels/dense.py
+ * explains why it exists and checks every argument before calling it. This file is only the
+ * arithmetic.
  *
  * The weights come packed in panels of NR output channels (dense.pack): fp32
  * [N/NR][K][NR], bf16 [N/NR][K/2][NR][2] (two consecutive inputs side by side, the pairs that
@@ -19,14 +20,105 @@
 
 #include "bf16.h"
 
-#define NR 32  /* output channels per panel: two vectors of 16 fp32 */
-#define MR 12  /* rows of x per pass over a panel: 2 x MR accumulators */
+#define NR 32  /* output channels per panel: NV vectors of VL fp32 */
 #define MB 96  /* rows of x per block that every panel meets before the next (run_f32) */
 #define PREFETCH 4096  /* bytes ahead in the panel (as int8_matmul.c: the hardware prefetcher
                         * alone streams a CPM-Small token's matmuls ~5-15% slower here) */
 
-#if !defined(__AVX512F__)
+/* The vector back-end: vec holds VL fp32 lanes, lanes_mask selects the first few of them
+ * (a panel's last, partial columns). MR rows of x per pass over a panel: MR x NV accumulators
+ * plus the broadcast inputs fit the 32 (AVX-512) or 16 (AVX2) vector registers. bf16 weights
+ * and inputs are fp32 with the low half zero, so a product of two is exact in fp32: AVX2 adds
+ * a pair's two products with two FMAs, the odd input first, as VDPBF16PS does. */
+#if defined(__AVX512F__)
+#define VARIANT "avx512"
+#define VL 16
+#define MR 12
+typedef __m512 vec;
+typedef __mmask16 lanes_mask;
+static inline lanes_mask first_lanes(int count) {
+    return count >= VL ? 0xffff : count <= 0 ? 0 : (__mmask16)((1u << count) - 1);
+}
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vset1(float value) { return _mm512_set1_ps(value); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vfma(vec a, vec b, vec acc) { return _mm512_fmadd_ps(a, b, acc); }
+static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vload_lanes(lanes_mask m, const float *p) { return _mm512_maskz_loadu_ps(m, p); }
+static inline void vstore_lanes(lanes_mask m, float *p, vec v) { _mm512_mask_storeu_ps(p, m, v); }
+#if defined(__AVX512BF16__)
+#define DENSE_BF16 1
+typedef __m512i vpairs;  /* VL pairs of bf16 */
+static inline vpairs load_pairs(const uint16_t *p) { return _mm512_loadu_si512(p); }
+static inline vpairs set1_pair(int32_t pair) { return _mm512_set1_epi32(pair); }
+static inline vec dot_pairs(vec acc, vpairs w, vpairs x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+}
+static inline vec bf16_lanes(lanes_mask m, const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline void store_bf16_lanes(lanes_mask m, uint16_t *p, vec v) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+#endif
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VARIANT "avx2"
+#define VL 8
+#define MR 3
+#define DENSE_BF16 1
+typedef __m256 vec;
+typedef __m256i lanes_mask;
+static inline lanes_mask first_lanes(int count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vset1(float value) { return _mm256_set1_ps(value); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vfma(vec a, vec b, vec acc) { return _mm256_fmadd_ps(a, b, acc); }
+static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vload_lanes(lanes_mask m, const float *p) { return _mm256_maskload_ps(p, m); }
+static inline void vstore_lanes(lanes_mask m, float *p, vec v) { _mm256_maskstore_ps(p, m, v); }
+typedef __m256i vpairs;
+static inline vpairs load_pairs(const uint16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vpairs set1_pair(int32_t pair) { return _mm256_set1_epi32(pair); }
+static inline vec dot_pairs(vec acc, vpairs w, vpairs x) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000);
+    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w, high)),
+                          _mm256_castsi256_ps(_mm256_and_si256(x, high)), acc);
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)),
+                           _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), acc);
+}
+static inline int lanes_of(lanes_mask m) {
+    return __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(m)));
+}
+static inline vec bf16_lanes(lanes_mask m, const uint16_t *p) {
+    uint16_t part[VL] = {0};
+    memcpy(part, p, (size_t)lanes_of(m) * sizeof *part);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)part)), 16));
+}
+static inline void store_bf16_lanes(lanes_mask m, uint16_t *p, vec v) {
+    /* round to nearest even as float_to_bf16 (bf16.h) does, NaN kept a quiet NaN */
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i top = _mm256_srli_epi32(
+        _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    top = _mm256_blendv_epi8(top, _mm256_or_si256(_mm256_srli_epi32(bits, 16),
+                                                  _mm256_set1_epi32(0x40)), nan);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(top),
+                                            _mm256_extracti128_si256(top, 1));
+    uint16_t part[VL];
+    _mm_storeu_si128((__m128i *)part, packed);
+    memcpy(p, part, (size_t)lanes_of(m) * sizeof *part);
+}
+#endif
+#define NV (NR / VL)
+
+#if !defined(VARIANT)
 int cpmctl_dense_layout(void) { return 0; }  /* 0: no dense kernel on this CPU */
+const char *cpmctl_dense_variant(void) { return "none"; }
 int cpmctl_dense_matmul(const void *x, int m_rows, int k, const void *packed, const void *bias,
                         void *y, int n, int bf16, int threads) {
     return -1;
@@ -41,11 +133,17 @@ int cpmctl_dense_pack(const void *w, int n, int k, void *packed, int bf16, int t
 }
 #else
 int cpmctl_dense_layout(void) {
-#if defined(__AVX512BF16__)
+#if defined(DENSE_BF16)
     return NR | 1 << 16;  /* bit 16: bf16 too */
 #else
     return NR;
 #endif
+}
+const char *cpmctl_dense_variant(void) { return VARIANT; }
+
+/* Which of a panel's NR columns exist: lanes_mask per vector for `width` columns. */
+static inline __attribute__((always_inline)) void panel_masks(int width, lanes_mask *masks) {
+    for (int j = 0; j < NV; j++) masks[j] = first_lanes(width - j * VL);
 }
 
 /* fp32: C = A @ B (+ bias) for any strides, the general form training's backward needs too
@@ -65,121 +163,112 @@ typedef struct {
 #define AHEAD 32  /* panel rows prefetched ahead: 4 KiB of a packed panel */
 
 /* Panel p's NR outputs for rows m0 .. m0+mt-1 of C (mt <= MR); unit: A's columns are
- * adjacent (a_col == 1, a constant so that the loads need no multiply). */
+ * adjacent (a_col == 1, a constant so that the loads need no multiply); full: the panel's NR
+ * columns all exist (a constant: plain loads, which an FMA can take as its operand). */
 static inline __attribute__((always_inline)) void panel_f32(const gemm_f32 *g, int p, int m0,
-                                                            const int mt, const int unit) {
+                                                            const int mt, const int unit,
+                                                            const int full) {
     const float *panel = g->b + p * g->b_panel;
-    const int n0 = p * NR, width = g->n - n0 < NR ? g->n - n0 : NR;
-    const __mmask16 lo = width >= 16 ? 0xffff : (__mmask16)((1u << width) - 1);
-    const __mmask16 hi = width <= 16 ? 0 : width >= 32 ? 0xffff
-                                         : (__mmask16)((1u << (width - 16)) - 1);
+    const int n0 = p * NR;
+    lanes_mask masks[NV];
+    panel_masks(g->n - n0, masks);
     const float *a = g->a + m0 * g->a_row;
     const long a_col = unit ? 1 : g->a_col;
     float *out = g->c + m0 * g->c_row + n0;
-    __m512 acc[MR][2];
-    for (int i = 0; i < mt; i++) {
-        acc[i][0] = g->accumulate ? _mm512_maskz_loadu_ps(lo, out + i * g->c_row)
-                                  : _mm512_setzero_ps();
-        acc[i][1] = g->accumulate ? _mm512_maskz_loadu_ps(hi, out + i * g->c_row + 16)
-                                  : _mm512_setzero_ps();
-    }
+    vec acc[MR][NV];
+    for (int i = 0; i < mt; i++)
+        for (int j = 0; j < NV; j++)
+            acc[i][j] = g->accumulate ? vload_lanes(masks[j], out + i * g->c_row + j * VL)
+                                      : vzero();
     for (int c = 0; c < g->k; c++) {
         const float *row = panel + c * g->b_row;
         _mm_prefetch((const char *)(row + AHEAD * g->b_row), _MM_HINT_T0);
         _mm_prefetch((const char *)(row + AHEAD * g->b_row) + 64, _MM_HINT_T0);
-        const __m512 w0 = _mm512_maskz_loadu_ps(lo, row);
-        const __m512 w1 = _mm512_maskz_loadu_ps(hi, row + 16);
+        vec w[NV];
+        for (int j = 0; j < NV; j++)
+            w[j] = full ? vload(row + j * VL) : vload_lanes(masks[j], row + j * VL);
         for (int i = 0; i < mt; i++) {
-            const __m512 xv = _mm512_set1_ps(a[i * g->a_row + c * a_col]);
-            acc[i][0] = _mm512_fmadd_ps(w0, xv, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(w1, xv, acc[i][1]);
+            const vec xv = vset1(a[i * g->a_row + c * a_col]);
+            for (int j = 0; j < NV; j++) acc[i][j] = vfma(w[j], xv, acc[i][j]);
         }
     }
-    __m512 b0 = _mm512_setzero_ps(), b1 = b0;
-    if (g->bias) {
-        b0 = _mm512_maskz_loadu_ps(lo, g->bias + n0);
-        b1 = _mm512_maskz_loadu_ps(hi, g->bias + n0 + 16);
-    }
-    for (int i = 0; i < mt; i++) {
-        _mm512_mask_storeu_ps(out + i * g->c_row, lo, _mm512_add_ps(acc[i][0], b0));
-        _mm512_mask_storeu_ps(out + i * g->c_row + 16, hi, _mm512_add_ps(acc[i][1], b1));
+    for (int j = 0; j < NV; j++) {
+        const vec b = g->bias ? vload_lanes(masks[j], g->bias + n0 + j * VL) : vzero();
+        for (int i = 0; i < mt; i++)
+            vstore_lanes(masks[j], out + i * g->c_row + j * VL, vadd(acc[i][j], b));
     }
 }
 
-#if defined(__AVX512BF16__)
-/* As panel_f32 with bf16 weights, x and y: kp = K rounded up to even; x's odd tail, if any, is
- * read as zero. */
+#if defined(DENSE_BF16)
+/* Inputs 2c and 2c+1 of mt rows into their accumulators; last_alone: input 2c is x's last, its
+ * pair's second half zero (as the packed weights' padding). */
+static inline __attribute__((always_inline)) void pairs_step(
+        vec acc[MR][NV], const uint16_t *panel, const uint16_t *x, int ldx, const int mt, int c,
+        const int last_alone) {
+    const uint16_t *row = panel + (size_t)c * 2 * NR;
+    _mm_prefetch((const char *)row + PREFETCH, _MM_HINT_T0);
+    _mm_prefetch((const char *)row + PREFETCH + 64, _MM_HINT_T0);
+    vpairs w[NV];
+    for (int j = 0; j < NV; j++) w[j] = load_pairs(row + 2 * j * VL);
+    for (int i = 0; i < mt; i++) {
+        int32_t pair = x[(size_t)i * ldx + 2 * c];
+        if (!last_alone) memcpy(&pair, x + (size_t)i * ldx + 2 * c, sizeof pair);
+        const vpairs xv = set1_pair(pair);
+        for (int j = 0; j < NV; j++) acc[i][j] = dot_pairs(acc[i][j], w[j], xv);
+    }
+}
+
+/* As panel_f32 with bf16 weights, x and y; an odd K's last input is paired with a zero. */
 static inline __attribute__((always_inline)) void panel_bf16(
         const uint16_t *panel, const uint16_t *x, int ldx, int mt, int k, const uint16_t *bias,
         int n0, int n, uint16_t *y) {
-    __m512 acc[MR][2];
-    for (int i = 0; i < mt; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    const int pairs = k / 2;
-    for (int c = 0; c < pairs; c++) {
-        const char *ahead = (const char *)(panel + (size_t)c * 2 * NR) + PREFETCH;
-        _mm_prefetch(ahead, _MM_HINT_T0);
-        _mm_prefetch(ahead + 64, _MM_HINT_T0);
-        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + (size_t)c * 2 * NR);
-        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (size_t)c * 2 * NR + NR);
-        for (int i = 0; i < mt; i++) {
-            int32_t pair;
-            memcpy(&pair, x + (size_t)i * ldx + 2 * c, sizeof pair);
-            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xv);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xv);
-        }
-    }
-    if (k & 1) {  /* the last input alone, its pair's second half zero */
-        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + (size_t)pairs * 2 * NR);
-        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (size_t)pairs * 2 * NR + NR);
-        for (int i = 0; i < mt; i++) {
-            const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[(size_t)i * ldx + k - 1]);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xv);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xv);
-        }
-    }
-    const int width = n - n0 < NR ? n - n0 : NR;
-    const __mmask16 lo = width >= 16 ? 0xffff : (__mmask16)((1u << width) - 1);
-    const __mmask16 hi = width <= 16 ? 0 : width >= 32 ? 0xffff
-                                         : (__mmask16)((1u << (width - 16)) - 1);
-    __m512 b0 = _mm512_setzero_ps(), b1 = b0;
-    if (bias) {
-        b0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lo, bias + n0)), 16));
-        b1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(hi, bias + n0 + 16)), 16));
-    }
-    for (int i = 0; i < mt; i++) {
-        _mm256_mask_storeu_epi16(y + (size_t)i * n + n0, lo,
-                                 (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][0], b0)));
-        _mm256_mask_storeu_epi16(y + (size_t)i * n + n0 + 16, hi,
-                                 (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][1], b1)));
+    vec acc[MR][NV];
+    for (int i = 0; i < mt; i++)
+        for (int j = 0; j < NV; j++) acc[i][j] = vzero();
+    for (int c = 0; c < k / 2; c++) pairs_step(acc, panel, x, ldx, mt, c, 0);
+    if (k & 1) pairs_step(acc, panel, x, ldx, mt, k / 2, 1);
+    lanes_mask masks[NV];
+    panel_masks(n - n0, masks);
+    for (int j = 0; j < NV; j++) {
+        const vec b = bias ? bf16_lanes(masks[j], bias + n0 + j * VL) : vzero();
+        for (int i = 0; i < mt; i++)
+            store_bf16_lanes(masks[j], y + (size_t)i * n + n0 + j * VL, vadd(acc[i][j], b));
     }
 }
 #endif
 
 /* One panel against every row of x, MR at a time; the tail through the same code with a
  * constant row count (each count its own unrolled loop). */
+#if MR == 12
 #define TAIL_CASES(CALL) \
     switch (rest) { \
     case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; \
     case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break; \
     case 7: CALL(7); break; case 8: CALL(8); break; case 9: CALL(9); break; \
     case 10: CALL(10); break; case 11: CALL(11); break; default: break; }
+#elif MR == 3
+#define TAIL_CASES(CALL) \
+    switch (rest) { case 1: CALL(1); break; case 2: CALL(2); break; default: break; }
+#else
+#error "TAIL_CASES needs a case for each row count below MR"
+#endif
 
 /* Rows first .. end-1 of C in panel p. */
 static inline __attribute__((always_inline)) void rows_f32_strided(
-        const gemm_f32 *g, int p, int first, int end, const int unit) {
+        const gemm_f32 *g, int p, int first, int end, const int unit, const int full) {
     int m = first;
-    for (; m + MR <= end; m += MR) panel_f32(g, p, m, MR, unit);
+    for (; m + MR <= end; m += MR) panel_f32(g, p, m, MR, unit, full);
     const int rest = end - m;
-#define CALL_F32(mt) panel_f32(g, p, m, mt, unit)
+#define CALL_F32(mt) panel_f32(g, p, m, mt, unit, full)
     TAIL_CASES(CALL_F32)
 }
 
 static void rows_f32(const gemm_f32 *g, int p, int first, int end) {
-    if (g->a_col == 1) rows_f32_strided(g, p, first, end, 1);
-    else rows_f32_strided(g, p, first, end, 0);
+    const int full = g->n - p * NR >= NR;
+    if (g->a_col == 1 && full) rows_f32_strided(g, p, first, end, 1, 1);
+    else if (g->a_col == 1) rows_f32_strided(g, p, first, end, 1, 0);
+    else if (full) rows_f32_strided(g, p, first, end, 0, 1);
+    else rows_f32_strided(g, p, first, end, 0, 0);
 }
 
 /* Every (MB rows, panel) pair, a thread's pairs consecutive: it multiplies one block of A (in
@@ -202,7 +291,7 @@ int cpmctl_dense_gemm_f32(const float *a, int m, int k, long a_row, long a_col, 
     return 0;
 }
 
-#if defined(__AVX512BF16__)
+#if defined(DENSE_BF16)
 static void rows_bf16(const uint16_t *panel, const uint16_t *x, int m_rows, int k,
                       const uint16_t *bias, int n0, int n, uint16_t *y) {
     int m = 0;
@@ -258,7 +347,7 @@ int cpmctl_dense_matmul(const void *x, int m_rows, int k, const void *packed, co
         run_f32(&g, threads);
         return 0;
     }
-#if defined(__AVX512BF16__)
+#if defined(DENSE_BF16)
     const int panels = (n + NR - 1) / NR, blocks = (m_rows + MB - 1) / MB;
     const size_t kp = (size_t)(k + 1) / 2 * 2;
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)

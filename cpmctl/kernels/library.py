@@ -63,6 +63,7 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cpmctl_dense_layout.restype = ctypes.c_int
+    lib.cpmctl_dense_variant.restype = ctypes.c_char_p
     lib.cpmctl_dense_matmul.restype = ctypes.c_int
     lib.cpmctl_dense_matmul.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
