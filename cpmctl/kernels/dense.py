@@ -5,9 +5,9 @@ Why: on a 2-core AMD EPYC with AVX-512 PyTorch's fp32 matmul (MKL) runs at ~110-
 and its matrix-vector products stream weights at a third of the memory's speed; the kernel's
 plain register-blocked loop (12 rows x 32 columns of fp32 accumulators, one FMA each per input)
 reaches 300-400 GFLOP/s on CPM-Small's training shapes and the memory's bandwidth on a decoding
-step. On a 2-core Zen 3 (AVX2, no AVX-512) its 3-row passes stream a CPM-Small token's weights
-at ~22 GB/s (oneDNN's packed layers: ~16) and multiply 32-row prefill blocks at ~95-110
-GFLOP/s (MKL: ~75), but training's 1,024-row products at ~95 against MKL's 107-137.
+step. On a 2-core Zen 3 (AVX2, no AVX-512) it streams a CPM-Small token's weights at ~22 GB/s
+(oneDNN's packed layers: ~16), multiplies 8- to 32-row blocks at 110-160 GFLOP/s (MKL:
+40-60), and 1,024-row products at MKL's speed (130-160 GFLOP/s), no faster.
 Each output adds its products in input order whatever the number of rows, so a row's
 result never depends on the batch it is computed in.
 
@@ -38,7 +38,8 @@ def dtypes() -> tuple[torch.dtype, ...]:
 
 
 TRAINING_VARIANTS = ("avx512",)
-"""The kernel variants training's products run on (AVX2's loses to MKL at training's shapes)."""
+"""The kernel variants training's products run on (AVX2's only matches MKL at training's
+shapes, and packing the weight each step costs more)."""
 
 
 def variant() -> str | None:

@@ -7,7 +7,7 @@
  * The weights come packed in panels of NR output channels (dense.pack): fp32
  * [N/NR][K][NR], bf16 [N/NR][K/2][NR][2] (two consecutive inputs side by side, the pairs that
  * VDPBF16PS multiplies), zero-padded to whole panels and an even K. A panel is one contiguous
- * run, read front to back once per MR rows of x.
+ * run, read front to back once per MR rows of x (AVX2: twice, half its width each time).
  *
  * Each output is one fp32 accumulator that adds its inputs' products in order k = 0, 1, ...
  * (pairs of them in bf16), whatever the number of rows, the rows' grouping or the thread: a
@@ -26,14 +26,17 @@
                         * alone streams a CPM-Small token's matmuls ~5-15% slower here) */
 
 /* The vector back-end: vec holds VL fp32 lanes, lanes_mask selects the first few of them
- * (a panel's last, partial columns). MR rows of x per pass over a panel: MR x NV accumulators
- * plus the broadcast inputs fit the 32 (AVX-512) or 16 (AVX2) vector registers. bf16 weights
+ * (a panel's last, partial columns). MR rows of x per pass over a panel; up to WIDE rows a
+ * pass covers its whole width, more rows half of it: the accumulators and the broadcast inputs
+ * fit the 32 (AVX-512: 12 x 2) or 16 (AVX2: 6 x 2, or 3 x 4) vector registers. (AVX2 with
+ * 3 x 4 ran at ~70% of MKL's speed on 1,024 rows; 6 x 2 at MKL's.) bf16 weights
  * and inputs are fp32 with the low half zero, so a product of two is exact in fp32: AVX2 adds
  * a pair's two products with two FMAs, the odd input first, as VDPBF16PS does. */
 #if defined(__AVX512F__)
 #define VARIANT "avx512"
 #define VL 16
 #define MR 12
+#define WIDE MR
 typedef __m512 vec;
 typedef __mmask16 lanes_mask;
 static inline lanes_mask first_lanes(int count) {
@@ -65,7 +68,8 @@ static inline void store_bf16_lanes(lanes_mask m, uint16_t *p, vec v) {
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VARIANT "avx2"
 #define VL 8
-#define MR 3
+#define MR 6
+#define WIDE 3
 #define DENSE_BF16 1
 typedef __m256 vec;
 typedef __m256i lanes_mask;
@@ -162,77 +166,105 @@ typedef struct {
 
 #define AHEAD 32  /* panel rows prefetched ahead: 4 KiB of a packed panel */
 
-/* Panel p's NR outputs for rows m0 .. m0+mt-1 of C (mt <= MR); unit: A's columns are
- * adjacent (a_col == 1, a constant so that the loads need no multiply); full: the panel's NR
- * columns all exist (a constant: plain loads, which an FMA can take as its operand). */
+/* Panel p's outputs in vectors j0 .. j0+nv-1 (of NV) for rows m0 .. m0+mt-1 of C (mt <= MR,
+ * mt x nv accumulators); unit: A's columns are adjacent (a_col == 1, a constant so that the
+ * loads need no multiply); full: the panel's NR columns all exist (a constant: plain loads,
+ * which an FMA can take as its operand). */
 static inline __attribute__((always_inline)) void panel_f32(const gemm_f32 *g, int p, int m0,
-                                                            const int mt, const int unit,
+                                                            const int mt, const int j0,
+                                                            const int nv, const int unit,
                                                             const int full) {
-    const float *panel = g->b + p * g->b_panel;
-    const int n0 = p * NR;
+    const float *panel = g->b + p * g->b_panel + j0 * VL;
+    const int n0 = p * NR + j0 * VL;
     lanes_mask masks[NV];
-    panel_masks(g->n - n0, masks);
+    panel_masks(g->n - p * NR, masks);
     const float *a = g->a + m0 * g->a_row;
     const long a_col = unit ? 1 : g->a_col;
     float *out = g->c + m0 * g->c_row + n0;
     vec acc[MR][NV];
     for (int i = 0; i < mt; i++)
-        for (int j = 0; j < NV; j++)
-            acc[i][j] = g->accumulate ? vload_lanes(masks[j], out + i * g->c_row + j * VL)
+        for (int j = 0; j < nv; j++)
+            acc[i][j] = g->accumulate ? vload_lanes(masks[j0 + j], out + i * g->c_row + j * VL)
                                       : vzero();
     for (int c = 0; c < g->k; c++) {
         const float *row = panel + c * g->b_row;
-        _mm_prefetch((const char *)(row + AHEAD * g->b_row), _MM_HINT_T0);
-        _mm_prefetch((const char *)(row + AHEAD * g->b_row) + 64, _MM_HINT_T0);
+        for (int line = 0; line < nv * VL; line += 16)  /* 16 fp32: a cache line */
+            _mm_prefetch((const char *)(row + AHEAD * g->b_row + line), _MM_HINT_T0);
         vec w[NV];
-        for (int j = 0; j < NV; j++)
-            w[j] = full ? vload(row + j * VL) : vload_lanes(masks[j], row + j * VL);
+        for (int j = 0; j < nv; j++)
+            w[j] = full ? vload(row + j * VL) : vload_lanes(masks[j0 + j], row + j * VL);
         for (int i = 0; i < mt; i++) {
             const vec xv = vset1(a[i * g->a_row + c * a_col]);
-            for (int j = 0; j < NV; j++) acc[i][j] = vfma(w[j], xv, acc[i][j]);
+            for (int j = 0; j < nv; j++) acc[i][j] = vfma(w[j], xv, acc[i][j]);
         }
     }
-    for (int j = 0; j < NV; j++) {
-        const vec b = g->bias ? vload_lanes(masks[j], g->bias + n0 + j * VL) : vzero();
+    for (int j = 0; j < nv; j++) {
+        const vec b = g->bias ? vload_lanes(masks[j0 + j], g->bias + n0 + j * VL) : vzero();
         for (int i = 0; i < mt; i++)
-            vstore_lanes(masks[j], out + i * g->c_row + j * VL, vadd(acc[i][j], b));
+            vstore_lanes(masks[j0 + j], out + i * g->c_row + j * VL, vadd(acc[i][j], b));
+    }
+}
+
+/* mt rows of panel p: in one pass over its whole width up to WIDE rows, else in two passes of
+ * half its width each (MR x NV / 2 accumulators: AVX2's 16 registers do not hold more). */
+static inline __attribute__((always_inline)) void rows_pass_f32(
+        const gemm_f32 *g, int p, int m0, const int mt, const int unit, const int full) {
+    if (mt <= WIDE) {
+        panel_f32(g, p, m0, mt, 0, NV, unit, full);
+    } else {
+        panel_f32(g, p, m0, mt, 0, NV / 2, unit, full);
+        panel_f32(g, p, m0, mt, NV / 2, NV / 2, unit, full);
     }
 }
 
 #if defined(DENSE_BF16)
-/* Inputs 2c and 2c+1 of mt rows into their accumulators; last_alone: input 2c is x's last, its
- * pair's second half zero (as the packed weights' padding). */
+/* Inputs 2c and 2c+1 of mt rows into their accumulators for vectors j0 .. j0+nv-1 of the
+ * panel; last_alone: input 2c is x's last, its pair's second half zero (as the packed weights'
+ * padding). */
 static inline __attribute__((always_inline)) void pairs_step(
-        vec acc[MR][NV], const uint16_t *panel, const uint16_t *x, int ldx, const int mt, int c,
-        const int last_alone) {
-    const uint16_t *row = panel + (size_t)c * 2 * NR;
-    _mm_prefetch((const char *)row + PREFETCH, _MM_HINT_T0);
-    _mm_prefetch((const char *)row + PREFETCH + 64, _MM_HINT_T0);
+        vec acc[MR][NV], const uint16_t *panel, const uint16_t *x, int ldx, const int mt,
+        const int j0, const int nv, int c, const int last_alone) {
+    const uint16_t *row = panel + (size_t)c * 2 * NR + 2 * j0 * VL;
+    for (int line = 0; line < 2 * nv * VL; line += 32)  /* 32 bf16: a cache line */
+        _mm_prefetch((const char *)(row + line) + PREFETCH, _MM_HINT_T0);
     vpairs w[NV];
-    for (int j = 0; j < NV; j++) w[j] = load_pairs(row + 2 * j * VL);
+    for (int j = 0; j < nv; j++) w[j] = load_pairs(row + 2 * j * VL);
     for (int i = 0; i < mt; i++) {
         int32_t pair = x[(size_t)i * ldx + 2 * c];
         if (!last_alone) memcpy(&pair, x + (size_t)i * ldx + 2 * c, sizeof pair);
         const vpairs xv = set1_pair(pair);
-        for (int j = 0; j < NV; j++) acc[i][j] = dot_pairs(acc[i][j], w[j], xv);
+        for (int j = 0; j < nv; j++) acc[i][j] = dot_pairs(acc[i][j], w[j], xv);
     }
 }
 
 /* As panel_f32 with bf16 weights, x and y; an odd K's last input is paired with a zero. */
 static inline __attribute__((always_inline)) void panel_bf16(
-        const uint16_t *panel, const uint16_t *x, int ldx, int mt, int k, const uint16_t *bias,
-        int n0, int n, uint16_t *y) {
+        const uint16_t *panel, const uint16_t *x, int ldx, const int mt, const int j0,
+        const int nv, int k, const uint16_t *bias, int n0, int n, uint16_t *y) {
     vec acc[MR][NV];
     for (int i = 0; i < mt; i++)
-        for (int j = 0; j < NV; j++) acc[i][j] = vzero();
-    for (int c = 0; c < k / 2; c++) pairs_step(acc, panel, x, ldx, mt, c, 0);
-    if (k & 1) pairs_step(acc, panel, x, ldx, mt, k / 2, 1);
+        for (int j = 0; j < nv; j++) acc[i][j] = vzero();
+    for (int c = 0; c < k / 2; c++) pairs_step(acc, panel, x, ldx, mt, j0, nv, c, 0);
+    if (k & 1) pairs_step(acc, panel, x, ldx, mt, j0, nv, k / 2, 1);
     lanes_mask masks[NV];
     panel_masks(n - n0, masks);
-    for (int j = 0; j < NV; j++) {
-        const vec b = bias ? bf16_lanes(masks[j], bias + n0 + j * VL) : vzero();
+    for (int j = 0; j < nv; j++) {
+        const int at = n0 + (j0 + j) * VL;
+        const vec b = bias ? bf16_lanes(masks[j0 + j], bias + at) : vzero();
         for (int i = 0; i < mt; i++)
-            store_bf16_lanes(masks[j], y + (size_t)i * n + n0 + j * VL, vadd(acc[i][j], b));
+            store_bf16_lanes(masks[j0 + j], y + (size_t)i * n + at, vadd(acc[i][j], b));
+    }
+}
+
+/* As rows_pass_f32. */
+static inline __attribute__((always_inline)) void rows_pass_bf16(
+        const uint16_t *panel, const uint16_t *x, int ldx, const int mt, int k,
+        const uint16_t *bias, int n0, int n, uint16_t *y) {
+    if (mt <= WIDE) {
+        panel_bf16(panel, x, ldx, mt, 0, NV, k, bias, n0, n, y);
+    } else {
+        panel_bf16(panel, x, ldx, mt, 0, NV / 2, k, bias, n0, n, y);
+        panel_bf16(panel, x, ldx, mt, NV / 2, NV / 2, k, bias, n0, n, y);
     }
 }
 #endif
@@ -246,9 +278,11 @@ static inline __attribute__((always_inline)) void panel_bf16(
     case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break; \
     case 7: CALL(7); break; case 8: CALL(8); break; case 9: CALL(9); break; \
     case 10: CALL(10); break; case 11: CALL(11); break; default: break; }
-#elif MR == 3
+#elif MR == 6
 #define TAIL_CASES(CALL) \
-    switch (rest) { case 1: CALL(1); break; case 2: CALL(2); break; default: break; }
+    switch (rest) { \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; \
+    case 4: CALL(4); break; case 5: CALL(5); break; default: break; }
 #else
 #error "TAIL_CASES needs a case for each row count below MR"
 #endif
@@ -257,9 +291,9 @@ static inline __attribute__((always_inline)) void panel_bf16(
 static inline __attribute__((always_inline)) void rows_f32_strided(
         const gemm_f32 *g, int p, int first, int end, const int unit, const int full) {
     int m = first;
-    for (; m + MR <= end; m += MR) panel_f32(g, p, m, MR, unit, full);
+    for (; m + MR <= end; m += MR) rows_pass_f32(g, p, m, MR, unit, full);
     const int rest = end - m;
-#define CALL_F32(mt) panel_f32(g, p, m, mt, unit, full)
+#define CALL_F32(mt) rows_pass_f32(g, p, m, mt, unit, full)
     TAIL_CASES(CALL_F32)
 }
 
@@ -296,9 +330,10 @@ static void rows_bf16(const uint16_t *panel, const uint16_t *x, int m_rows, int 
                       const uint16_t *bias, int n0, int n, uint16_t *y) {
     int m = 0;
     for (; m + MR <= m_rows; m += MR)
-        panel_bf16(panel, x + (size_t)m * k, k, MR, k, bias, n0, n, y + (size_t)m * n);
+        rows_pass_bf16(panel, x + (size_t)m * k, k, MR, k, bias, n0, n, y + (size_t)m * n);
     const int rest = m_rows - m;
-#define CALL_BF16(mt) panel_bf16(panel, x + (size_t)m * k, k, mt, k, bias, n0, n, y + (size_t)m * n)
+#define CALL_BF16(mt) \
+    rows_pass_bf16(panel, x + (size_t)m * k, k, mt, k, bias, n0, n, y + (size_t)m * n)
     TAIL_CASES(CALL_BF16)
 }
 #endif
