@@ -143,16 +143,27 @@ def _warn_fallback(output: str) -> None:
 
 
 # NOTE: registered through torch.library.Library rather than the @custom_op decorator: the
-# decorator's Python wrapper costs ~15 us a call here, the plain registration ~3 us, and a
-# decoding step makes ~60 of these calls.
+# decorator's Python wrapper costs ~15 us a call here, the plain registration ~3-6 us, and a
+# decoding step makes ~60 of these calls, so define_op's callers skip even that where nothing
+# needs the dispatcher.
 _OPS = torch.library.Library("cpmctl", "FRAGMENT")
 
 
-def define_op(schema: str, compute: Callable, fake: Callable) -> torch._ops.OpOverload:
+def define_op(schema: str, compute: Callable, fake: Callable) -> Callable[..., torch.Tensor]:
     """The op `cpmctl::NAME` of `schema` ("NAME(args) -> Tensor"): `compute` on CPU tensors,
-    `fake` (the output's shape and dtype from the inputs') for torch.compile's tracing."""
+    `fake` (the output's shape and dtype from the inputs') for torch.compile's tracing.
+    Returns the function to call it by: through the dispatcher while torch.compile traces or
+    the profiler records (which then names the op), else `compute` itself, directly."""
     name = schema.split("(", 1)[0]
     _OPS.define(schema)
     _OPS.impl(name, compute, "CPU")
     torch.library.register_fake(f"cpmctl::{name}")(fake)
-    return getattr(torch.ops.cpmctl, name).default
+    op = getattr(torch.ops.cpmctl, name).default
+    profiling = torch._C._autograd._profiler_enabled
+
+    def call(*args) -> torch.Tensor:
+        if torch.compiler.is_compiling() or profiling():
+            return op(*args)
+        return compute(*args)
+
+    return call
