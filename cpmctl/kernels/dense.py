@@ -195,10 +195,11 @@ def _pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
 
 def _pays_for(rows: int, *tensors: torch.Tensor) -> bool:
     """fp32 CPU tensors, at least MIN_ROWS rows, a variant in TRAINING_VARIANTS here, outside
-    autocast and torch.compile (which see F.linear and choose their own kernels)."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) \
-        and rows >= MIN_ROWS and variant() in TRAINING_VARIANTS \
-        and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+    autocast and torch.compile (which see F.linear and choose their own kernels; checked
+    first, so that the compiler never traces into the library's loading)."""
+    return not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu") \
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) \
+        and rows >= MIN_ROWS and variant() in TRAINING_VARIANTS
 
 
 # --- training: the fused LM head's products (train/objectives.py) ---------------------------
