@@ -72,6 +72,28 @@ def test_a_rows_result_does_not_depend_on_its_batch(dtype):
         assert torch.equal(ours(x.transpose(0, 1)), whole.transpose(0, 1))  # a strided input
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"], indirect=True)
+def test_bf16_outputs_round_to_nearest_even_and_keep_nan(dtype):
+    """One input (each output one exact product plus its bias, so no summation order): the
+    bf16 outputs are the fp32 sums rounded as PyTorch rounds them (to nearest, ties to even),
+    for the ties on both sides of an even mantissa, infinities and NaN; in every lane of a
+    panel, the last panel's partial columns included."""
+    tie = 2.0 ** -8  # half a bf16 unit at 1.0
+    weight = torch.tensor([1.0, 1.0 + 2 * tie, -1.0, 3.0, 1.0, 1.0] * 7).to(dtype)[:, None]
+    bias = torch.tensor([tie, tie, -tie, 0.0, float("inf"), float("nan")] * 7).to(dtype)
+    linear = torch.nn.Linear(1, weight.shape[0]).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    x = torch.ones(2, 1, dtype=dtype)
+    with torch.no_grad():
+        got = PackedLinear(linear, CPMCTL)(x)
+    want = (x.float() @ weight.float().T + bias.float()).to(dtype)
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert got[0, 0] == 1.0 and got[0, 1] == 1.0 + 4 * tie  # ties went to the even neighbour
+
+
 def test_dense_matmul_refuses_what_it_would_read_past(dtype):
     _, ours = layer(40, 24, dtype)
     other = torch.bfloat16 if dtype == torch.float32 else torch.float32
