@@ -13,8 +13,9 @@ fp32/bf16 layers oneDNN or PyTorch's matmul (dense.py). `CPMCTL_INT8_KERNEL=torc
 once, with the compiler's last lines.
 
 C trusts its pointers: each kernel's module checks every argument against the others before the
-call, and calls it as a custom op (torch.library), so PyTorch checks its schema, the profiler
-names it, and torch.compile traces it through its fake implementation.
+call. Each kernel is also a custom op (torch.library), which torch.compile traces through its
+fake implementation and the profiler names; outside those, calls skip the dispatcher
+(define_op).
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def define_op(schema: str, compute: Callable, fake: Callable) -> Callable[..., t
     _OPS.impl(name, compute, "CPU")
     torch.library.register_fake(f"cpmctl::{name}")(fake)
     op = getattr(torch.ops.cpmctl, name).default
-    profiling = torch._C._autograd._profiler_enabled
+    # NOTE: a private PyTorch function (what record_function asks); without it, always the op
+    profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
 
     def call(*args) -> torch.Tensor:
         if torch.compiler.is_compiling() or profiling():
