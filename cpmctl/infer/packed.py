@@ -8,7 +8,8 @@ better, chosen per layer when it is made (`PackedLinear.kernel`):
 
 - cpmctl's own (kernels/dense.py), where the CPU has AVX2 + FMA or AVX-512 (bf16 on AVX-512
   needs AVX-512 BF16): the weight in panels of 32 output channels, each a run read front to
-  back once per 12 (AVX-512) or 6 (AVX2) input rows. A CPM-Small token's 49 matmuls (432 MB
+  back once per 12 input rows (AVX-512), or per 3 rows and twice per 6, half its width each
+  time (AVX2). A CPM-Small token's 49 matmuls (432 MB
   in fp32) stream at 41 GB/s on a Zen 5 VM with AVX-512, the machine's bandwidth (oneDNN: 30;
   nn.Linear: ~15), and at ~22 GB/s on a Zen 3 with AVX2 (oneDNN: ~16); a 256-row prefill runs
   no slower than oneDNN's on either (AVX2 has no oneDNN bf16: nn.Linear's bf16 is 5x slower).
