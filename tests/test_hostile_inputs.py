@@ -400,6 +400,17 @@ def test_bad_input_cases_exit_2_with_one_line(work, cli, tmp_path):
         assert result.code == 2 and one_line_error(result), (args, result.err)
 
 
+def test_bench_speeds_number_lists_name_their_option(work, cli):
+    for option, value in (("--batches", "0"), ("--batches", "1,x"), ("--workers", "0")):
+        args = ("bench", "speed", "-m", work["model"], option, value)
+        if option == "--workers":
+            args = ("bench", "speed", "-t", work["tok"], "--corpus", work["model"], option,
+                    value)
+        result = cli(*args)
+        assert result.code == 2 and one_line_error(result), (args, result.err)
+        assert option in result.err, (args, result.err)
+
+
 @pytest.mark.parametrize("stdin", ['{"prompt": "a\\ud800b"}', '{"prompt": "ok", "x": "\\udfff"}'])
 def test_jsonl_strings_must_be_text(work, stdin):
     for args in (["generate", "-m", work["model"], "--jsonl", "--max-new-tokens", "2"],

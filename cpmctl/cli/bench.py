@@ -18,13 +18,14 @@ app = typer.Typer(help="Benchmarks, each against a baseline measured in the same
                   no_args_is_help=True)
 
 
-def _worker_counts(workers: str) -> list[int]:
+def _counts(value: str, option: str = "--workers") -> list[int]:
+    """A comma-separated list of positive integers (worker counts, batch sizes), sorted."""
     try:
-        counts = sorted({int(w) for w in workers.split(",")})
+        counts = sorted({int(w) for w in value.split(",")})
     except ValueError:
-        raise CpmError(f"--workers: expected numbers like 1,2, not {workers!r}") from None
+        raise CpmError(f"{option}: expected numbers like 1,2, not {value!r}") from None
     if counts[0] < 1:
-        raise CpmError("--workers must be at least 1")
+        raise CpmError(f"{option} must be at least 1")
     return counts
 
 
@@ -62,7 +63,7 @@ def data(
 
     Example: cpmctl bench data --workers 1,2 --repeat 2
     """
-    counts = _worker_counts(workers)
+    counts = _counts(workers)
     if repeat < 1:
         raise CpmError("--repeat must be at least 1")
     report = bench_data_build(inputs, counts, repeat)
@@ -127,7 +128,7 @@ def speed(
         return
     if not (tokenizer and corpus):
         raise CpmError("bench speed needs --tokenizer and --corpus, or --model / --recipe")
-    counts = _worker_counts(workers)
+    counts = _counts(workers)
     if counts[0] != 1:
         raise CpmError("--workers must include 1: the other counts are compared with it")
     report = bench_tokenizer(tokenizer, corpus, counts, repeat)
@@ -152,7 +153,7 @@ def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tok
     from cpmctl.infer.load import check_threads
 
     chosen = _precisions(precisions)
-    sizes = _worker_counts(batches)  # the same parsing: positive integers
+    sizes = _counts(batches, "--batches")
     if threads is not None:
         check_threads(threads)
     if prompt_tokens < 1 or new_tokens < 1:
