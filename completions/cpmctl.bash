@@ -15,7 +15,7 @@ _cpmctl_node() {  # sets subs, opts and takes (options that need a value) for pa
         'bench run') subs='' opts='--model -m --task -t --data -d --split --limit --batch-size --seed --device --dtype --prompt -p --embeddings --output -o --force --no-force --json --help -h' takes='--model -m --task -t --data -d --split --limit --batch-size --seed --device --dtype --prompt -p --embeddings --output -o' ;;
         'bench speed') subs='' opts='--tokenizer -t --corpus --workers --model -m --recipe -r --precisions --batches --prompt-tokens --new-tokens --device --threads --baseline --no-baseline --module-step --repeat --json --help -h' takes='--tokenizer -t --corpus --workers --model -m --recipe -r --precisions --batches --prompt-tokens --new-tokens --device --threads --repeat' ;;
         'bench tasks') subs='' opts='--json --help -h' takes='' ;;
-        'bench train') subs='' opts='--recipe -r --set --steps --json --help -h' takes='--recipe -r --set --steps' ;;
+        'bench train') subs='' opts='--recipe -r --set --steps --precisions --json --help -h' takes='--recipe -r --set --steps --precisions' ;;
         'bench zeroshot-speed') subs='' opts='--model -m --recipe -r --tokenizer --task -t --data -d --limit --batch-size --hf --no-hf --json --help -h' takes='--model -m --recipe -r --tokenizer --task -t --data -d --limit --batch-size' ;;
         completion) subs='' opts='--help -h' takes='' ;;
         data) subs='build inspect tokenize' opts='--help -h' takes='' ;;

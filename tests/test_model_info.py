@@ -57,5 +57,11 @@ def test_bench_train_compares_with_transformers(cli):
         ("cpmctl GPT", "bf16"), ("transformers GPT2LMHeadModel", "bf16")]
     assert all(r["tokens_per_s"] > 0 and r["gflop_per_s"] > 0 for r in report["runs"])
     assert set(report["speedup"]) == {"fp32", "bf16"}
+    fp32 = cli("bench", "train", "--recipe", "tiny-gpt", "--steps", "1", "--set",
+               "model.vocab_size=256", "--precisions", "fp32", "--json")
+    assert fp32.code == 0, fp32.err
+    assert [r["precision"] for r in json.loads(fp32.out)["runs"]] == ["fp32", "fp32"]
+    int8 = cli("bench", "train", "--precisions", "int8")
+    assert int8.code == 2 and "--precisions: expected some of fp32, bf16" in int8.err
     moe = cli("bench", "train", "--recipe", "tiny-moe")
     assert moe.code == 2 and "needs a dense gpt recipe" in moe.err

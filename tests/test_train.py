@@ -294,3 +294,16 @@ def test_activation_checkpointing_gives_the_same_losses(dataset, tmp_path, cli):
         assert plain.code == 0 and again.code == 0, again.err
         assert [(r["loss"], r["grad_norm"]) for r in metrics(tmp_path / f"run-{arch}-p")] == \
             [(r["loss"], r["grad_norm"]) for r in metrics(tmp_path / f"run-{arch}-c")]
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(dataset, tmp_path, cli,
+                                                              monkeypatch):
+    from cpmctl.kernels import dense
+
+    for native in (False, True):
+        monkeypatch.setattr(dense, "torch_has_native_bf16", lambda native=native: native)
+        result = cli("train", "--recipe", recipe(tmp_path, dataset, f"bf16-{native}", steps=2,
+                                                 every=2, eval_every=0),
+                     "--set", "train.precision=bf16", "--set", "train.warmup_steps=1")
+        assert result.code == 0, result.err
+        assert result.err.count("this CPU has no bf16 matrix instructions") == (not native)

@@ -78,7 +78,8 @@ def _step_seconds(trainees: list[_Trainee], batches: list[torch.Tensor], precisi
 
 
 def bench_training(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int = 3,
-                   seed: int = 0, compile: bool = False) -> dict:
+                   seed: int = 0, compile: bool = False,
+                   precisions: tuple[str, ...] | list[str] = ("fp32", "bf16")) -> dict:
     if cfg.arch != "gpt" or cfg.moe.experts:
         raise CpmError("bench train compares with Hugging Face's GPT-2: it needs a dense gpt "
                        "recipe (model.arch = 'gpt', no experts)")
@@ -99,7 +100,7 @@ def bench_training(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmu
     tokens_per_step = batch * seq_len
     trainees = [_Trainee(OURS, ours, _ours_loss), _Trainee(THEIRS, theirs, _transformers_loss)]
     runs, ratios = [], {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         medians = []
         for trainee, times in zip(trainees, _step_seconds(trainees, batches, precision, warmup),
                                   strict=True):

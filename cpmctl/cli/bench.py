@@ -29,13 +29,14 @@ def _counts(value: str, option: str = "--workers") -> list[int]:
     return counts
 
 
-def _precisions(text: str) -> list[str]:
-    """--precisions: some of fp32, bf16, int8, comma-separated."""
+def _precisions(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    """--precisions: some of `allowed` (inference's fp32, bf16, int8), comma-separated."""
     from cpmctl.infer.load import PRECISIONS
 
+    allowed = allowed or tuple(PRECISIONS)
     chosen = [p.strip() for p in text.split(",") if p.strip()]
-    if not chosen or any(p not in PRECISIONS for p in chosen):
-        raise CpmError(f"--precisions: expected some of {', '.join(PRECISIONS)}, got {text!r}")
+    if not chosen or any(p not in allowed for p in chosen):
+        raise CpmError(f"--precisions: expected some of {', '.join(allowed)}, got {text!r}")
     return chosen
 
 
@@ -250,6 +251,8 @@ def train(
     recipe: str = typer.Option("tiny-gpt", "--recipe", "-r", help="A gpt recipe (file or name)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe value."),
     steps: int = typer.Option(20, help="Timed steps per model and precision (after 3 warmup)."),
+    precisions: str = typer.Option("fp32,bf16", "--precisions",
+                                   help="fp32, bf16 (comma-separated)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Training tokens/s of our GPT against transformers' GPT2LMHeadModel of the same shape,
@@ -263,11 +266,12 @@ def train(
     from cpmctl.bench.train import bench_training
     from cpmctl.recipe import load_recipe
 
+    chosen = _precisions(precisions, ("fp32", "bf16"))
     loaded = load_recipe(recipe, overrides)
     if steps < 1:
         raise CpmError("--steps must be at least 1")
     report = bench_training(loaded.model, loaded.train.micro_batch, loaded.data.seq_len, steps,
-                            compile=loaded.engine.compile)
+                            compile=loaded.engine.compile, precisions=chosen)
     if as_json:
         print(json.dumps(report, indent=2))
         return

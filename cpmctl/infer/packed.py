@@ -97,7 +97,7 @@ def kernel_for(dtype: torch.dtype) -> str | None:
         return CPMCTL
     if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
         return None
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == torch.bfloat16 and not dense.torch_has_native_bf16():
         return None
     return ONEDNN if _probe(dtype) else None
 

@@ -28,6 +28,7 @@ from cpmctl.artifacts import finalize_in_place, open_artifact
 from cpmctl.console import info, warn
 from cpmctl.data.samples import PackedSamples, open_dataset
 from cpmctl.errors import CpmError
+from cpmctl.kernels import dense
 from cpmctl.models import build_model, checkpoint_activations, count_parameters
 from cpmctl.models.artifact import load_weights, read_model_json, save_model
 from cpmctl.models.config import architecture
@@ -54,6 +55,11 @@ def _check_recipe(recipe: Recipe, processes) -> None:
     if recipe.train.precision == "fp16" and processes.device.type != "cuda":
         raise CpmError("train.precision = 'fp16' needs a CUDA device (loss scaling); "
                        "use 'bf16' or 'fp32' on CPU")
+    if (recipe.train.precision == "bf16" and processes.device.type == "cpu" and processes.main
+            and not dense.torch_has_native_bf16()):
+        warn("train.precision = 'bf16': this CPU has no bf16 matrix instructions (AVX-512 BF16 "
+             "or AMX), so PyTorch emulates them and training runs several times slower than "
+             "in 'fp32'")
     if not recipe.data.dataset:
         raise CpmError("data.dataset: the recipe names no dataset (cpmctl data tokenize)")
 
