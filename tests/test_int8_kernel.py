@@ -74,6 +74,18 @@ def test_a_row_with_nan_or_inf_gives_nan_and_leaves_the_others_alone(native):
     torch.testing.assert_close(y[1].double(), exact(x[1:2], layer)[0], rtol=2 ** -8, atol=1e-3)
 
 
+def test_a_rows_scale_sees_every_input_eight_at_a_time_and_in_the_tail(native):
+    """67 inputs: the quantizer takes 64 eight at a time, the last 3 one by one."""
+    layer = Int8Linear.from_linear(torch.nn.Linear(67, 8, bias=False))
+    torch.manual_seed(0)
+    x = torch.randn(4, 67).bfloat16()
+    x[0, 66], x[1, 3], x[2, 65] = float("nan"), float("-inf"), 40.0  # [2]: its max in the tail
+    x[3, 7] = -40.0  # the max in the last lane of a vector, negative
+    y = layer(x)
+    assert y[0].isnan().all() and y[1].isnan().all()
+    torch.testing.assert_close(y[2:].double(), exact(x[2:], layer), rtol=2 ** -8, atol=1e-3)
+
+
 def test_long_rows_of_extreme_values_do_not_overflow(native):
     """10,240 inputs (CPM-2's FFN) at full scale: 127 x 32767 per product, 640 products per
     int32 lane (2.7e9 > 2^31): right only if the lanes are flushed to fp32 in time."""
