@@ -126,6 +126,20 @@ def test_a_prefetch_leaves_the_pipeline_its_room():
     assert store.stats.prefetch_loads == 3 and store.stats.prefetch_wasted == 2  # (1, 1), (1, 9)
 
 
+def test_a_miss_waits_for_the_prefetches_that_hold_all_the_room():
+    store, loading = _slow_store(capacity=2, slots=1)
+    assert store.prefetch([(1, 0), (1, 1)]) == 2  # between layers: all of it
+    store.begin_layer(1, [2])  # the prediction was wrong: the layer wants expert 2
+    threading.Timer(0.2, loading.set).start()
+    entry = store.request((1, 2))  # every slot loading a prefetch: waits for one
+    store.wait(entry)
+    store.release(entry)
+    assert store.is_resident((1, 2))
+    assert store.stats.stall_s >= 0.1
+    store.close()
+    assert store.stats.prefetch_wasted == 2  # one evicted for expert 2, one never used
+
+
 def test_a_failed_prefetch_holds_no_room_and_its_use_names_the_expert():
     store, loading = _slow_store(capacity=3, slots=2, fail={(1, 2)})
     assert store.prefetch([(1, 2)]) == 1

@@ -199,22 +199,35 @@ class ExpertStore:
             return (0, 0) if entry.module is not None else (1, entry.seq)
 
     def request(self, key: Key) -> Entry:
-        """Pin `key` and start its load if it is not resident (or loading)."""
-        with self._lock:
-            stats = self.stats.layer(key[0])
-            entry = self._entries.get(key)
-            if entry is not None:
-                if entry.unused_prefetch:
-                    stats.prefetched += 1
-                    entry.unused_prefetch = False
-                else:
-                    stats.hits += 1
-                self._entries.move_to_end(key)
-                entry.pins += 1
-                return entry
-            stats.misses += 1
-            self._make_room(self._wanted | self._predicted)
-            entry = self._entries[key] = self._new_entry(key, pins=1)
+        """Pin `key` and start its load if it is not resident (or loading). If prefetches in
+        flight hold all the room (between layers they may take the pipeline's), wait for one."""
+        while True:
+            with self._lock:
+                stats = self.stats.layer(key[0])
+                entry = self._entries.get(key)
+                if entry is not None:
+                    if entry.unused_prefetch:
+                        stats.prefetched += 1
+                        entry.unused_prefetch = False
+                    else:
+                        stats.hits += 1
+                    self._entries.move_to_end(key)
+                    entry.pins += 1
+                    return entry
+                in_flight = self._prefetch_holding_the_room()
+                if in_flight is None:
+                    stats.misses += 1
+                    self._make_room(self._wanted | self._predicted)
+                    entry = self._entries[key] = self._new_entry(key, pins=1)
+                    break
+            started = time.perf_counter()
+            while in_flight.future is None:  # prefetch() submits after releasing the lock
+                time.sleep(1e-4)
+            try:
+                in_flight.future.result()
+            except BaseException:  # a failed prefetch frees its room (_prefetch_load)
+                pass
+            self.stats.stall_s += time.perf_counter() - started
         if self._loader is not None:
             entry.future = self._loader.submit(self._timed_load, entry)
         else:  # synchronous: the compute waits for the whole load
@@ -310,6 +323,14 @@ class ExpertStore:
                 if entry.pins == 0 and self._entries.get(entry.key) is entry:
                     del self._entries[entry.key]
             raise
+
+    def _prefetch_holding_the_room(self) -> Entry | None:
+        """The oldest prefetch still loading when the store is full and nothing can be
+        evicted (lock held), else None."""
+        if len(self._entries) < self.capacity or any(e.evictable for e in self._entries.values()):
+            return None
+        return next((e for e in self._entries.values() if e.pins == 0 and e.module is None),
+                    None)
 
     def _new_entry(self, key: Key, **fields) -> Entry:
         self._started += 1
