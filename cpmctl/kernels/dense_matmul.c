@@ -22,8 +22,8 @@
 
 #define NR 32  /* output channels per panel: NV vectors of VL fp32 */
 #define MB 96  /* rows of x per block that every panel meets before the next (run_f32) */
-#define PREFETCH 4096  /* bytes ahead in the panel (as int8_matmul.c: the hardware prefetcher
-                        * alone streams a CPM-Small token's matmuls ~5-15% slower here) */
+#define PREFETCH 4096  /* bytes ahead in a bf16 panel (as int8_matmul.c: on an AVX-512 CPU the
+                        * hardware prefetcher alone streamed a CPM-Small token ~5-15% slower) */
 
 /* The vector back-end: vec holds VL fp32 lanes, lanes_mask selects the first few of them
  * (a panel's last, partial columns). MR rows of x per pass over a panel; up to WIDE rows a
