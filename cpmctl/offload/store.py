@@ -225,7 +225,7 @@ class ExpertStore:
                 time.sleep(1e-4)
             try:
                 in_flight.future.result()
-            except BaseException:  # a failed prefetch frees its room (_prefetch_load)
+            except Exception:  # a failed prefetch frees its room (_prefetch_load)
                 pass
             self.stats.stall_s += time.perf_counter() - started
         if self._loader is not None:
