@@ -23,10 +23,17 @@ from cpmctl.infer import (
     perplexity,
     quantize_int8,
 )
+from cpmctl.infer import sampling as token_sampling
 from cpmctl.infer.infill import encode_infill, fill
 from cpmctl.infer.load import prepare_for_inference
 from cpmctl.infer.packed import PackedLinear, kernel_for
-from cpmctl.infer.sampling import apply_repetition_penalty, candidates
+from cpmctl.infer.sampling import (
+    Sampler,
+    apply_repetition_penalty,
+    candidates,
+    draw,
+    outside_nucleus,
+)
 from cpmctl.kernels import int8
 from cpmctl.models import MoeConfig, build_model
 from cpmctl.tokenizer.base import SPECIAL_NAMES, SPECIAL_PIECES, Tokenizer
@@ -204,6 +211,48 @@ def test_sampling_order_is_top_k_then_top_p_then_temperature():
     probs, ids = candidates(logits, SamplingSettings(top_p=1.0))
     assert ids is None
     torch.testing.assert_close(probs, logits.softmax(-1))
+
+
+def test_the_nucleus_keeps_or_drops_equally_likely_tokens_together():
+    probs = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]])
+    # the tokens more likely than each: 0, 0.4, 0.4, 0.8, 0.8
+    assert outside_nucleus(probs, 0.5).tolist() == [[False, False, False, True, True]]
+    assert outside_nucleus(probs, 0.4).tolist() == [[False, True, True, True, True]]
+    assert outside_nucleus(probs, 0.81).tolist() == [[False] * 5]
+    assert outside_nucleus(probs, 0.01).tolist() == [[False, True, True, True, True]]
+
+
+def test_a_draw_inverts_the_cumulative_weights_and_never_picks_a_zero(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0])
+    counts = torch.bincount(torch.tensor([draw(weights, generator) for _ in range(4000)]),
+                            minlength=5)
+    assert counts[[0, 2, 4]].tolist() == [0, 0, 0]
+    assert abs(int(counts[3]) / 4000 - 0.75) < 0.03  # 4.4 standard deviations
+    # u * total rounding up to the total still lands on the last token with weight
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.ones(1))
+    assert draw(weights, generator) == 3
+
+
+@pytest.mark.parametrize("tries", [token_sampling.NUCLEUS_TRIES, 0])  # 0: always cut explicitly
+@pytest.mark.parametrize("sampling_settings", [
+    SamplingSettings(top_p=0.7),  # the nucleus alone
+    SamplingSettings(temperature=3.0, top_p=0.7),  # hot: most draws fall outside it
+    SamplingSettings(temperature=0.7, top_k=4, top_p=0.8),
+    SamplingSettings(temperature=1.3, top_p=1.0)])
+def test_the_sampler_draws_from_the_distribution_candidates_define(sampling_settings, tries,
+                                                                   monkeypatch):
+    monkeypatch.setattr(token_sampling, "NUCLEUS_TRIES", tries)
+    logits = torch.tensor([[2.0, 1.5, 1.5, 0.5, 0.0, -1.0]])
+    probs, ids = candidates(logits, sampling_settings)
+    expected = torch.zeros(6)
+    expected[ids[0] if ids is not None else torch.arange(6)] = probs[0]
+    sampler = Sampler(sampling_settings, [[0]], 6, [11])
+    draws = 6000
+    counts = torch.bincount(torch.cat([sampler(logits) for _ in range(draws)]), minlength=6)
+    assert counts[expected == 0].sum() == 0  # nothing outside the cut, ever
+    spread = (expected * (1 - expected) / draws).sqrt()
+    assert ((counts / draws - expected).abs() <= 4.5 * spread + 1e-9).all(), (counts, expected)
 
 
 def test_temperature_zero_is_greedy_and_a_seed_reproduces():
