@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpmctl.bench.packing import packed_attention_mask, packed_batch, packed_length
+from cpmctl.bench.packing import (
+    ATTENTION_KEY_COST,
+    pack_rows,
+    packed_attention_mask,
+    packed_batch,
+    packed_length,
+    row_width,
+)
 from cpmctl.bench.scoring import Row, candidate_losses, flat_batch
 from cpmctl.errors import CpmError
 from cpmctl.models import ModelConfig, build_model
@@ -107,6 +114,33 @@ def test_packed_scores_equal_one_row_per_candidate():
     assert packed[1].tolist() == [2, 3, 1, 1, 2, 4, 1, 1, 1]
     assert packed[0].tolist() == pytest.approx(alone, abs=1e-5)
     assert torch.allclose(packed[0], flat[0], atol=1e-5)
+
+
+def test_rows_widen_where_the_examples_do_not_pair_at_the_longest_width():
+    lengths = [99] + [60] * 8 + [40] * 4
+    # 99 wide: 99, each 60 alone, 40 + 40 twice; 148: 99 + 40, 60 + 60 four times, 40 x 3;
+    # 198: 99 + 60, 60 x 3 twice, 60 + 40 x 3, 40; 297: three rows
+    assert [len(pack_rows(lengths, w)) for w in (99, 148, 198, 297)] == [11, 6, 5, 3]
+    # positions x (1 + attention): 99 x 11 x 1.058 = 1,152; 148 x 6 x 1.087 = 965;
+    # 198 x 5 x 1.116 = 1,105; 297 x 3 x 1.174 = 1,046
+    assert ATTENTION_KEY_COST == pytest.approx(0.45)
+    assert row_width(lengths, 768) == 148
+    # examples that fill the longest's rows: wider rows only add attention
+    assert row_width([50, 30, 20, 50, 25, 25], 768) == 50
+    # a narrow model pays more for each key: at d_model 8 the padding costs less
+    assert row_width(lengths, 8) == 99
+
+
+def test_a_wider_row_scores_the_same():
+    model = tiny_gpt()
+    with torch.no_grad():
+        narrow = candidate_losses(model, packed_batch(GROUPS, PAD))
+        wide_batch = packed_batch(GROUPS, PAD, width=15)
+        wide = candidate_losses(model, wide_batch)
+    assert [packed_length(g) for g in GROUPS] == [6, 5, 4]
+    assert wide_batch.input_ids.shape == (1, 15)  # all three examples in one row
+    assert torch.equal(wide[1], narrow[1])
+    assert torch.allclose(wide[0], narrow[0], atol=1e-5)
 
 
 def test_another_candidates_tail_does_not_change_a_score():

@@ -12,11 +12,11 @@ the context and to its own earlier tokens only, so each candidate is scored exac
 were its own row. The context's last state predicts every tail's first token. `gather` says,
 for each candidate's target, which state of the packed batch predicts it.
 
-Rows are as wide as the longest example; the examples fill them first fit, longest first
-(`pack_rows`: `score` packs the whole task so that short examples fill the rows long ones
-leave, then cuts the rows into batches), and a query reads only its own example's keys: the
-padding that one example a row left (27% of the positions on the first 64 idiom-cloze
-examples) is 5%.
+The examples fill rows first fit, longest first (`pack_rows`: `score` packs the whole task
+so that short examples fill the rows long ones leave, then cuts the rows into batches), and a
+query reads only its own example's keys: the padding that one example a row left (27% of the
+positions on the first 64 idiom-cloze examples) is 5%. Rows are as wide as the longest example,
+or a few times that where the examples do not pair at that width (`row_width`).
 
 Why this layout rather than a KV cache copied to K rows (the earlier design): one forward
 instead of two, no cache allocated and no context keys/values copied per candidate, and a row
@@ -103,6 +103,29 @@ def pack_rows(lengths: list[int], width: int | None = None) -> list[list[int]]:
         rows[at].append(i)
         room[at] -= lengths[i]
     return rows
+
+
+#: What a masked attention key costs a query, against a position's projections, per key and
+#: d_model: a query multiplies 4 d_model numbers a key, a position's projections 24 d_model^2
+#: (GPT's 4 d^2 + 8 d^2, two FLOPs each), and CPU attention ran at ~1/2.7 of the projections'
+#: FLOP rate (SDPA 5.8% of the matmuls' time over 99-wide rows at CPM-Small's shape).
+ATTENTION_KEY_COST = 2.7 / 6
+
+
+def row_width(lengths: list[int], d_model: int) -> int:
+    """The packed rows' width for examples of these packed lengths: the longest example's
+    length times 1, 1.5, 2 or 3, whichever costs least, a row costing its positions' projections
+    plus its every query's attention over the whole row (masked). A wider row leaves less
+    padding where the examples do not pair at the longest's width (the first 64
+    idiom-cloze-question examples: 35% padding in 99-wide rows, 8% in 198) and attends over more
+    keys."""
+    longest = max(lengths)
+
+    def cost(width: int) -> float:
+        return len(pack_rows(lengths, width)) * width * (1 + ATTENTION_KEY_COST * width
+                                                         / d_model)
+
+    return min((int(longest * factor) for factor in (1, 1.5, 2, 3)), key=cost)
 
 
 def packed_batch(groups, pad_id: int, width: int | None = None) -> PackedBatch:
