@@ -255,6 +255,20 @@ def test_the_sampler_draws_from_the_distribution_candidates_define(sampling_sett
     assert ((counts / draws - expected).abs() <= 4.5 * spread + 1e-9).all(), (counts, expected)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("sampling_settings", [GREEDY, SamplingSettings()])
+def test_nan_or_infinite_logits_are_refused_and_minus_infinity_rules_a_token_out(
+        bad, sampling_settings):
+    sampler = Sampler(sampling_settings, [[0], [0]], 4, [0, 1])
+    with pytest.raises(CpmError, match="nan or infinite logits"):
+        sampler(torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, bad, 1.0, 2.0]]))
+    with pytest.raises(CpmError, match="nan or infinite logits"):  # nothing finite in a row
+        sampler(torch.tensor([[0.0, 1.0, 2.0, 3.0], [-torch.inf] * 4]))
+    ruled_out = torch.tensor([[-torch.inf, 1.0, -torch.inf, 0.5]] * 2)
+    drawn = {int(t) for _ in range(50) for t in sampler(ruled_out)}
+    assert drawn <= {1, 3} and 1 in drawn
+
+
 def test_temperature_zero_is_greedy_and_a_seed_reproduces():
     model = varied_gpt(6)
     prompt = [[3, 14, 15, 92]]

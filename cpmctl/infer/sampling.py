@@ -179,7 +179,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [batch, model vocab] -> token ids [batch]."""
         logits = logits[:, :self.vocab_size].float()
-        if not bool(torch.isfinite(logits).all()):
+        # a row's max is nan or +inf where the row holds one, -inf where nothing is finite:
+        # one reduction instead of a [batch, vocab] test (~10 against ~65 us a token)
+        if not bool(torch.isfinite(logits.amax(-1)).all()):
             _check_logits(logits)
         if self.present is not None:
             logits = apply_repetition_penalty(logits, self.present,
