@@ -9,10 +9,10 @@ import torch
 from cpmctl.bench.packing import (
     ATTENTION_KEY_COST,
     pack_rows,
+    pack_task,
     packed_attention_mask,
     packed_batch,
     packed_length,
-    row_width,
 )
 from cpmctl.bench.scoring import Row, candidate_losses, flat_batch
 from cpmctl.errors import CpmError
@@ -124,11 +124,11 @@ def test_rows_widen_where_the_examples_do_not_pair_at_the_longest_width():
     # positions x (1 + attention): 99 x 11 x 1.058 = 1,152; 148 x 6 x 1.087 = 965;
     # 198 x 5 x 1.116 = 1,105; 297 x 3 x 1.174 = 1,046
     assert ATTENTION_KEY_COST == pytest.approx(0.45)
-    assert row_width(lengths, 768) == 148
+    assert pack_task(lengths, 768) == (148, pack_rows(lengths, 148))
     # examples that fill the longest's rows: wider rows only add attention
-    assert row_width([50, 30, 20, 50, 25, 25], 768) == 50
+    assert pack_task([50, 30, 20, 50, 25, 25], 768)[0] == 50
     # a narrow model pays more for each key: at d_model 8 the padding costs less
-    assert row_width(lengths, 8) == 99
+    assert pack_task(lengths, 8)[0] == 99
 
 
 def test_a_wider_row_scores_the_same():

@@ -16,7 +16,7 @@ The examples fill rows first fit, longest first (`pack_rows`: `score` packs the 
 so that short examples fill the rows long ones leave, then cuts the rows into batches), and a
 query reads only its own example's keys: the padding that one example a row left (27% of the
 positions on the first 64 idiom-cloze examples) is 5%. Rows are as wide as the longest example,
-or a few times that where the examples do not pair at that width (`row_width`).
+or a few times that where the examples do not pair at that width (`pack_task`).
 
 Why this layout rather than a KV cache copied to K rows (the earlier design): one forward
 instead of two, no cache allocated and no context keys/values copied per candidate, and a row
@@ -112,20 +112,22 @@ def pack_rows(lengths: list[int], width: int | None = None) -> list[list[int]]:
 ATTENTION_KEY_COST = 2.7 / 6
 
 
-def row_width(lengths: list[int], d_model: int) -> int:
-    """The packed rows' width for examples of these packed lengths: the longest example's
-    length times 1, 1.5, 2 or 3, whichever costs least, a row costing its positions' projections
-    plus its every query's attention over the whole row (masked). A wider row leaves less
-    padding where the examples do not pair at the longest's width (the first 64
-    idiom-cloze-question examples: 35% padding in 99-wide rows, 8% in 198) and attends over more
-    keys."""
+def pack_task(lengths: list[int], d_model: int) -> tuple[int, list[list[int]]]:
+    """(the rows' width, which examples share each row as pack_rows gives them) for examples of
+    these packed lengths: the width is the longest example's length times 1, 1.5, 2 or 3,
+    whichever costs least, a row costing its positions' projections plus its every query's
+    attention over the whole row (masked). A wider row leaves less padding where the examples
+    do not pair at the longest's width (the first 64 idiom-cloze-question examples: 35%
+    padding in 99-wide rows, 8% in 198) and attends over more keys."""
     longest = max(lengths)
+    layouts = {width: pack_rows(lengths, width)
+               for width in (int(longest * factor) for factor in (1, 1.5, 2, 3))}
 
     def cost(width: int) -> float:
-        return len(pack_rows(lengths, width)) * width * (1 + ATTENTION_KEY_COST * width
-                                                         / d_model)
+        return len(layouts[width]) * width * (1 + ATTENTION_KEY_COST * width / d_model)
 
-    return min((int(longest * factor) for factor in (1, 1.5, 2, 3)), key=cost)
+    width = min(layouts, key=cost)
+    return width, layouts[width]
 
 
 def packed_batch(groups, pad_id: int, width: int | None = None) -> PackedBatch:

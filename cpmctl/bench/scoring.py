@@ -44,11 +44,10 @@ import torch
 
 from cpmctl.bench.packing import (
     PackedBatch,
-    pack_rows,
+    pack_task,
     packed_batch,
     packed_length,
     packed_states,
-    row_width,
 )
 from cpmctl.bench.tasks.format import SPAN_MARKER, Candidate, Example, ScoringRequests, Task
 from cpmctl.errors import CpmError
@@ -452,8 +451,8 @@ def score(model, tokenizer, task: Task, examples: list[Example], *, batch_size: 
     width = None
     if layout == "packed":  # the whole task packed (packing.py), then cut into batches
         lengths = [packed_length(rows) for _, _, rows in units]
-        width = row_width(lengths, model.cfg.d_model)
-        units = [units[i] for row in pack_rows(lengths, width) for i in row]
+        width, rows = pack_task(lengths, model.cfg.d_model)
+        units = [units[i] for row in rows for i in row]
     else:
         units.sort(key=lambda unit: _padding_key(unit[2], layout))
     logprobs = [[0.0] * len(rows) for _, rows, _ in prepared]
