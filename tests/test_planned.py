@@ -121,6 +121,16 @@ def test_attention_kernel_scale_bias_and_cross(kernels, act):
         attention.attend(qkv, keys, values, length, None, bias=bias.double())
 
 
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_kernel_keeps_a_nan_query_nan(kernels, act):
+    """A NaN score is not taken for a masked key: its head's output is NaN, as PyTorch's."""
+    keys, values = torch.randn(1, 2, 8, 16).to(act), torch.randn(1, 2, 8, 16).to(act)
+    qkv = torch.randn(1, 1, 3 * 2 * 16).to(act)
+    qkv[0, 0, 3] = float("nan")  # head 0's query
+    out = attention.attend(qkv, keys, values, 4)
+    assert out[0, 0, :16].isnan().all() and out[0, 0, 16:].isfinite().all()
+
+
 def test_attention_kernel_refuses_what_it_would_read_past(kernels):
     keys = torch.zeros(2, 4, 8, 16)
     qkv = torch.zeros(2, 1, 192)
@@ -227,6 +237,58 @@ def test_a_batch_of_8_generates_what_each_prompt_does_alone(kernels, precision):
             for i, p in enumerate(prompts):
                 cache = KVCache.for_model(model.cfg, 1, len(p), dtype=plan.cache_dtype)
                 assert torch.equal(plan.forward(torch.tensor([p]), cache)[0], batched[i])
+
+
+@pytest.mark.parametrize("precision", [{"dtype": "fp32"}, {"dtype": "bf16"},
+                                       {"dtype": "bf16", "quantize": "int8"}],
+                         ids=["fp32", "bf16", "int8"])
+def test_the_blocks_in_one_c_call_compute_what_the_layer_by_layer_calls_do(kernels, precision):
+    """gpt_step.c (every block in one call, where all matmuls are cpmctl's) against the same
+    plan calling each layer's operations from Python: a left-padded prefill, then steps with a
+    finished row; the logits and the cache it wrote."""
+    model = prepare_for_inference(varied_gpt(3), **precision)
+    plan = PlannedGpt.plan(model)
+    assert (plan.in_c is not None) == row_by_row(model)
+    if plan.in_c is None:  # a matmul on oneDNN or PyTorch here: the calls one by one
+        return
+    ids, extra = torch.randint(1, 100, (2, 7)), torch.randint(1, 100, (2, 3))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[0, 9] = 0
+    runs = []
+    for in_c in (plan.in_c, None):
+        plan.in_c = in_c
+        cache = KVCache.for_model(model.cfg, 2, 10, dtype=plan.cache_dtype)
+        with torch.inference_mode():
+            logits = [plan.forward(ids, cache, mask)]
+            logits += [plan.forward(extra[:, i:i + 1], cache, mask) for i in range(3)]
+        runs.append((torch.stack(logits).float(), cache.keys.float(), cache.values.float()))
+    # fp32: the norms' sums and GELU's exp differ in their last bits; in bf16 (measured here:
+    # equal to the bit) each operation's rounding to bf16 hides that but for rare ties
+    tolerance = 1e-5 if plan.cache_dtype == torch.float32 else 2 ** -7
+    for ours, theirs in zip(*runs, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=tolerance)
+
+
+def test_the_c_step_refuses_activations_or_a_cache_it_was_not_made_for(kernels):
+    model = prepare_for_inference(varied_gpt(3))
+    step = PlannedGpt.plan(model).in_c
+    assert step is not None  # the library's fp32 kernel runs wherever the library does
+    cfg = model.cfg
+    cache = KVCache.for_model(cfg, 1, 8)
+    x = torch.zeros(1, 2, cfg.d_model)
+    for x_, cache_, message in (
+            (x.bfloat16(), cache, "activations"),
+            (torch.zeros(1, 2, cfg.d_model + 1), cache, "activations"),
+            (torch.zeros(2, cfg.d_model), cache, "activations"),
+            (x, KVCache.for_model(cfg, 1, 8, dtype=torch.bfloat16), "cache"),
+            (x, KVCache(cfg.n_layers + 1, 1, cfg.n_heads, 8, cfg.head_size), "cache"),
+            (torch.zeros(2, 2, cfg.d_model), cache, "does not match a cache"),
+            (torch.zeros(1, 9, cfg.d_model), cache, "do not fit a cache of 8")):
+        with pytest.raises(ValueError, match=message):
+            step.run(x_, cache_, None)
+    with pytest.raises(ValueError, match="mask"):
+        step.run(x, cache, torch.ones(1, 1, dtype=torch.long))
 
 
 def test_without_a_plan_generation_runs_the_module_forward(kernels, monkeypatch):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpmctl.console import warn
-from cpmctl.kernels import dense
+from cpmctl.kernels import dense, gpt_step
 
 CPMCTL, ONEDNN = "cpmctl", "onednn"
 
@@ -84,6 +84,14 @@ class PackedLinear(nn.Module):
             return lambda x: op(x, packed, bias, out)
         op = torch.ops.mkldnn._linear_pointwise
         return lambda x: op(x, packed, bias, "none", [], "")
+
+    def c_linear(self) -> gpt_step.Linear | None:
+        """The layer for kernels/gpt_step.c to call from C, where it runs on cpmctl's kernel."""
+        if self.kernel != CPMCTL:
+            return None
+        return gpt_step.Linear.of(gpt_step.DENSE, self.out_features, self.in_features,
+                                  self.in_features, self.packed, None, self.bias,
+                                  self.packed.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

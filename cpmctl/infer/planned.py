@@ -12,11 +12,16 @@ F.linear) and leaves 9 calls a layer:
     h = layer_norm(x); a = attend(qkv(h), cache); x = x + proj(a)
     h = layer_norm(x); x = x + down(gelu(up(h)))
 
+Where every one of those matmuls runs on cpmctl's kernels (dense_matmul.c, int8_matmul.c), the
+blocks go further: all of them in one C call a step (kernels/gpt_step.py), which takes the
+1.6-2.4 ms those ~110 calls cost a CPM-Small token on a 2-core Zen 3 down to their arithmetic.
+
 It computes what the module forward does, with the same layers in the same dtypes; the
 attention differs in its fp32 summation order, and in the cache's dtype: bf16 for a bf16 or
-int8 model, whose keys and values are bf16 to begin with (so exactly), fp32 for an fp32 one.
-With cpmctl's int8 kernel every operation of the plan computes each row on its own, so an int8
-model's text does not depend on the batch size, to the bit.
+int8 model, whose keys and values are bf16 to begin with (so exactly), fp32 for an fp32 one;
+in C the norms' sums and GELU's exp differ in their last bits too. With cpmctl's matmul
+kernels every operation of the plan computes each row on its own, so the text does not depend
+on the batch size, to the bit.
 
 `PlannedGpt.plan(model)` is None where the plan does not apply, and generation then runs the
 module forward as before: a non-GPT or MoE model, a model off the CPU, an unknown layer type, or
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpmctl.infer.cache import KVCache
-from cpmctl.kernels import attention
+from cpmctl.kernels import attention, gpt_step
 from cpmctl.models.layers import rms_norm
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -84,6 +89,8 @@ class PlannedGpt:
         self.wte, self.wpe = model.wte.weight, model.wpe.weight
         self.ln_f = (model.ln_f.weight, model.ln_f.bias)
         self.layers, self.head = layers, head
+        # every block in one C call where all its matmuls run on cpmctl's kernels
+        self.in_c = gpt_step.GptLayers.make(model, self.wte.dtype)
         self.shape, self.eps = (cfg.d_model,), cfg.eps
         self.max_positions = cfg.max_positions
 
@@ -132,14 +139,22 @@ class PlannedGpt:
         else:
             positions = (mask[:, :length + new].cumsum(-1)[:, length:] - 1).clamp_(min=0)
             x = x + F.embedding(positions, self.wpe)
-        shape, eps, attend = self.shape, self.eps, attention.attend
+        if self.in_c is not None:  # x is this call's own tensor (the sum above): in place
+            self.in_c.run(x, cache, mask)
+        else:
+            x = self._layers_one_by_one(x, cache, mask)
+        cache.length = length + new
+        return self.head(F.layer_norm(x[:, -1].contiguous(), self.shape, *self.ln_f, self.eps))
+
+    def _layers_one_by_one(self, x: torch.Tensor, cache: KVCache, mask: torch.Tensor | None
+                           ) -> torch.Tensor:
+        shape, eps, attend, length = self.shape, self.eps, attention.attend, cache.length
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             h = F.layer_norm(x, shape, *layer.ln_1, eps)
             x = x + layer.proj(attend(layer.qkv(h), kv.keys, kv.values, length, mask))
             h = F.layer_norm(x, shape, *layer.ln_2, eps)
             x = x + layer.down(F.gelu(layer.up(h), approximate="tanh"))
-        cache.length = length + new
-        return self.head(F.layer_norm(x[:, -1].contiguous(), shape, *self.ln_f, eps))
+        return x
 
 
 class _DecoderLayer:

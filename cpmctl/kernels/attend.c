@@ -18,7 +18,7 @@
  * T5's relative position bias). The scores and the softmax are fp32, each query on its own,
  * the visible keys in order: a row's outputs do not depend on the other rows, nor on how much
  * padding precedes it (masked keys are skipped, not added as zeros). A query with no visible
- * key gets zeros.
+ * key gets zeros, one with a NaN score NaNs.
  */
 #include <math.h>
 #include <stdint.h>
@@ -26,8 +26,7 @@
 #include <string.h>
 
 #include "bf16.h"
-
-#define LANES 16  /* partial sums per dot product: one AVX-512 register of fp32 */
+#include "simd.h"
 
 /* element i of a vector stored in fp32 (bf16 = 0) or bf16 (bf16 = 1) */
 static inline float load(const void *p, size_t i, const int bf16) {
@@ -61,7 +60,10 @@ typedef struct {
     int bias_keys;
 } scoring;
 
-/* The query of token s of row b, head h, over positions 0 .. length + s (cross: all `length`). */
+/* The query of token s of row b, head h, over positions 0 .. length + s (cross: all `length`).
+ * Each visible key's score, then its softmax weight (masked keys: 0, and skipped below), then
+ * the weighted values, each key in order: every visible key gets the same numbers wherever it
+ * sits in the cache (exp in vectors of 8 positions, the last ones through a padded copy). */
 static inline __attribute__((always_inline)) void attend_query(
         const void *qkv, const int act_bf16, const void *keys, const void *values,
         const int cache_bf16, int b, int s, int h, int n_new, int heads, int d_head,
@@ -72,42 +74,72 @@ static inline __attribute__((always_inline)) void attend_query(
     const size_t q_at = token * (how->cross ? 1 : 3) * width + (size_t)h * d_head;
     const size_t cache_at = ((size_t)b * heads + h) * max_len * d_head;
     const int last = how->cross ? length - 1 : length + s;
+    const int whole = d_head / 16 * 16, eights = d_head / 8 * 8;
     for (int d = 0; d < d_head; d++) q[d] = load(qkv, q_at + d, act_bf16);
     const float scale = how->scale;
     const float *bias = how->bias ? how->bias + ((size_t)h * n_new + s) * how->bias_keys : NULL;
     const int64_t *visible = mask ? mask + (size_t)b * mask_stride : NULL;
     float largest = -INFINITY;
+    int unordered = 0;
     for (int j = 0; j <= last; j++) {
         if (visible && !visible[j]) {
             scores[j] = -INFINITY;
             continue;
         }
         const size_t k_at = cache_at + (size_t)j * d_head;
-        float partial[LANES] = {0};
+        __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  /* two FMA chains */
         int d = 0;
-        for (; d + LANES <= d_head; d += LANES)
-            for (int i = 0; i < LANES; i++)
-                partial[i] += q[d + i] * load(keys, k_at + d + i, cache_bf16);
-        float dot = 0.0f;
+        for (; d < whole; d += 16) {
+            even = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(keys, k_at + d, cache_bf16),
+                                   even);
+            odd = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8),
+                                  load8(keys, k_at + d + 8, cache_bf16), odd);
+        }
+        if (d < eights) {
+            even = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(keys, k_at + d, cache_bf16),
+                                   even);
+            d += 8;
+        }
+        float dot = sum8(_mm256_add_ps(even, odd));
         for (; d < d_head; d++) dot += q[d] * load(keys, k_at + d, cache_bf16);
-        for (int i = 0; i < LANES; i++) dot += partial[i];
         scores[j] = dot * scale + (bias ? bias[j] : 0.0f);
-        largest = fmaxf(largest, scores[j]);
+        largest = fmaxf(largest, scores[j]);  /* (fmaxf passes over a NaN: caught below) */
+        unordered |= isnan(scores[j]);
+    }
+    const size_t out_at = token * width + (size_t)h * d_head;
+    if (unordered) {  /* a NaN score makes every weight NaN, as in PyTorch's softmax */
+        for (int d = 0; d < d_head; d++) store(out, out_at + d, NAN, act_bf16);
+        return;
     }
     float *acc = q;  /* the query is no longer needed: accumulate the output in its place */
     for (int d = 0; d < d_head; d++) acc[d] = 0.0f;
     float total = 0.0f;
     if (largest > -INFINITY) {
+        const __m256 top = _mm256_set1_ps(largest), none = _mm256_set1_ps(-INFINITY);
+        for (int j = 0; j <= last; j += 8) {
+            float rest[8];
+            const int count = last + 1 - j < 8 ? last + 1 - j : 8;
+            float *at = count == 8 ? scores + j : rest;
+            for (int i = 0; count < 8 && i < 8; i++) rest[i] = i < count ? scores[j + i] : 0.0f;
+            const __m256 v = _mm256_loadu_ps(at);
+            _mm256_storeu_ps(at, _mm256_and_ps(exp8(_mm256_sub_ps(v, top)),
+                                               _mm256_cmp_ps(v, none, _CMP_NEQ_OQ)));
+            for (int i = 0; count < 8 && i < count; i++) scores[j + i] = rest[i];
+        }
         for (int j = 0; j <= last; j++) {
-            if (scores[j] == -INFINITY) continue;
-            const float p = expf(scores[j] - largest);
+            const float p = scores[j];
+            if (p == 0.0f) continue;  /* masked (a visible key's weight is at least ~1e-38) */
             const size_t v_at = cache_at + (size_t)j * d_head;
+            const __m256 weight = _mm256_set1_ps(p);
             total += p;
-            for (int d = 0; d < d_head; d++) acc[d] += p * load(values, v_at + d, cache_bf16);
+            int d = 0;
+            for (; d < eights; d += 8)
+                _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(
+                    weight, load8(values, v_at + d, cache_bf16), _mm256_loadu_ps(acc + d)));
+            for (; d < d_head; d++) acc[d] += p * load(values, v_at + d, cache_bf16);
         }
     }
     const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-    const size_t out_at = token * width + (size_t)h * d_head;
     for (int d = 0; d < d_head; d++) store(out, out_at + d, acc[d] * inverse, act_bf16);
 }
 

@@ -1,5 +1,5 @@
-"""cpmctl's C kernels (int8_matmul.c, attend.c, dense_matmul.c), compiled for this CPU into one
-library on first use.
+"""cpmctl's C kernels (int8_matmul.c, attend.c, dense_matmul.c, gpt_step.c), compiled for this
+CPU into one library on first use.
 
 The library is built with the C compiler ($CC, else cc) for `-march=native` (or
 $CPMCTL_INT8_MARCH, e.g. x86-64-v3 for a cluster's oldest CPUs) into
@@ -36,8 +36,8 @@ import torch
 from cpmctl.console import warn
 
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("int8_matmul.c", "attend.c", "dense_matmul.c"))
-HEADERS = (Path(__file__).with_name("bf16.h"),)
+                for name in ("int8_matmul.c", "attend.c", "dense_matmul.c", "gpt_step.c"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16.h", "simd.h"))
 KERNEL_ENV, MARCH_ENV = "CPMCTL_INT8_KERNEL", "CPMCTL_INT8_MARCH"
 
 
@@ -83,6 +83,12 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.cpmctl_gpt_layers.restype = ctypes.c_int
+    lib.cpmctl_gpt_layers.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
