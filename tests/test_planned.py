@@ -239,35 +239,53 @@ def test_a_batch_of_8_generates_what_each_prompt_does_alone(kernels, precision):
                 assert torch.equal(plan.forward(torch.tensor([p]), cache)[0], batched[i])
 
 
-@pytest.mark.parametrize("precision", [{"dtype": "fp32"}, {"dtype": "bf16"},
-                                       {"dtype": "bf16", "quantize": "int8"}],
-                         ids=["fp32", "bf16", "int8"])
-def test_the_blocks_in_one_c_call_compute_what_the_layer_by_layer_calls_do(kernels, precision):
-    """gpt_step.c (every block in one call, where all matmuls are cpmctl's) against the same
-    plan calling each layer's operations from Python: a left-padded prefill, then steps with a
-    finished row; the logits and the cache it wrote."""
-    model = prepare_for_inference(varied_gpt(3), **precision)
-    plan = PlannedGpt.plan(model)
-    assert (plan.in_c is not None) == row_by_row(model)
-    if plan.in_c is None:  # a matmul on oneDNN or PyTorch here: the calls one by one
-        return
+def c_and_python_runs(plan, model) -> list[tuple]:
+    """The same steps with the blocks in C and called one by one: a left-padded prefill
+    (gpt; encdec: a padded encoder input), then steps with a finished row; each run's logits,
+    self-attention keys and values."""
+    torch.manual_seed(11)
     ids, extra = torch.randint(1, 100, (2, 7)), torch.randint(1, 100, (2, 3))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :3] = 0
     mask[0, 9] = 0
-    runs = []
-    for in_c in (plan.in_c, None):
-        plan.in_c = in_c
+    runs, in_c = [], plan.in_c
+    for blocks_in_c in (in_c, None):
+        plan.in_c = blocks_in_c
         cache = KVCache.for_model(model.cfg, 2, 10, dtype=plan.cache_dtype)
         with torch.inference_mode():
-            logits = [plan.forward(ids, cache, mask)]
-            logits += [plan.forward(extra[:, i:i + 1], cache, mask) for i in range(3)]
+            if model.cfg.arch == "gpt":
+                logits = [plan.forward(ids, cache, mask)]
+                logits += [plan.forward(extra[:, i:i + 1], cache, mask) for i in range(3)]
+            else:
+                encoded = model.encode(ids, mask[:, :7])
+                logits = [plan.forward(torch.cat((ids, extra), 1)[:, i:i + 1], cache, encoded,
+                                       mask[:, :7]) for i in range(10)]
         runs.append((torch.stack(logits).float(), cache.keys.float(), cache.values.float()))
+    plan.in_c = in_c
+    return runs
+
+
+@pytest.mark.parametrize("precision", [{"dtype": "fp32"}, {"dtype": "bf16"},
+                                       {"dtype": "bf16", "quantize": "int8"}],
+                         ids=["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("arch", ["gpt", "encdec"])
+def test_the_blocks_in_one_c_call_compute_what_the_layer_by_layer_calls_do(kernels, precision,
+                                                                          arch):
+    """blocks.c (every block in one call, where all matmuls are cpmctl's) against the same
+    plan calling each layer's operations from Python: the logits and the cache written."""
+    built, planner = (varied_gpt, PlannedGpt) if arch == "gpt" else (varied_encdec,
+                                                                     PlannedEncDec)
+    model = prepare_for_inference(built(3), **precision)
+    plan = planner.plan(model)
+    assert (plan.in_c is not None) == row_by_row(model)
+    if plan.in_c is None:  # a matmul on oneDNN or PyTorch here: the calls one by one
+        return
     # fp32: the norms' sums and GELU's exp differ in their last bits; in bf16 (measured here:
     # equal to the bit) each operation's rounding to bf16 hides that but for rare ties
     tolerance = 1e-5 if plan.cache_dtype == torch.float32 else 2 ** -7
-    for ours, theirs in zip(*runs, strict=True):
-        torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=tolerance)
+    ours, theirs = c_and_python_runs(plan, model)
+    for c_tensor, python_tensor in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(c_tensor, python_tensor, atol=tolerance, rtol=tolerance)
 
 
 def test_the_c_step_refuses_activations_or_a_cache_it_was_not_made_for(kernels):
@@ -289,6 +307,29 @@ def test_the_c_step_refuses_activations_or_a_cache_it_was_not_made_for(kernels):
             step.run(x_, cache_, None)
     with pytest.raises(ValueError, match="mask"):
         step.run(x, cache, torch.ones(1, 1, dtype=torch.long))
+
+
+def test_the_decoder_c_step_refuses_a_missing_bias_or_encoder_cache(kernels):
+    model = prepare_for_inference(varied_encdec(3))
+    step = PlannedEncDec.plan(model).in_c
+    assert step is not None
+    cfg = model.cfg
+    cache = KVCache.for_model(cfg, 1, 8)
+    x, bias = torch.zeros(1, 1, cfg.d_model), torch.zeros(cfg.n_heads, 1, 1)
+    with pytest.raises(ValueError, match="relative position bias"):
+        step.run(x, cache, None, None)
+    with pytest.raises(ValueError, match="0 layers of the encoder's keys"):
+        step.run(x, cache, bias, None)
+    with pytest.raises(ValueError, match="bias"):
+        step.run(x, cache, torch.zeros(cfg.n_heads, 2, 1), None)
+    keys = torch.zeros(1, cfg.n_heads, 5, cfg.head_size)
+    cache.cross = [(keys, keys)] * (cfg.decoder_layers - 1) + [(keys[:, :, :4].clone(), keys)]
+    with pytest.raises(ValueError, match="one shape"):
+        step.run(x, cache, bias, None)
+    cache.cross = [(keys, keys)] * cfg.decoder_layers
+    with pytest.raises(ValueError, match="mask"):
+        step.run(x, cache, bias, torch.ones(1, 4, dtype=torch.long))
+    step.run(x, cache, bias, torch.ones(1, 5, dtype=torch.long))  # what it accepts
 
 
 def test_without_a_plan_generation_runs_the_module_forward(kernels, monkeypatch):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpmctl.console import warn
-from cpmctl.kernels import dense, gpt_step
+from cpmctl.kernels import blocks, dense
 
 CPMCTL, ONEDNN = "cpmctl", "onednn"
 
@@ -85,11 +85,11 @@ class PackedLinear(nn.Module):
         op = torch.ops.mkldnn._linear_pointwise
         return lambda x: op(x, packed, bias, "none", [], "")
 
-    def c_linear(self) -> gpt_step.Linear | None:
-        """The layer for kernels/gpt_step.c to call from C, where it runs on cpmctl's kernel."""
+    def c_linear(self) -> blocks.Linear | None:
+        """The layer for kernels/blocks.c to call from C, where it runs on cpmctl's kernel."""
         if self.kernel != CPMCTL:
             return None
-        return gpt_step.Linear.of(gpt_step.DENSE, self.out_features, self.in_features,
+        return blocks.Linear.of(blocks.DENSE, self.out_features, self.in_features,
                                   self.in_features, self.packed, None, self.bias,
                                   self.packed.dtype)
 

@@ -13,7 +13,7 @@ F.linear) and leaves 9 calls a layer:
     h = layer_norm(x); x = x + down(gelu(up(h)))
 
 Where every one of those matmuls runs on cpmctl's kernels (dense_matmul.c, int8_matmul.c), the
-blocks go further: all of them in one C call a step (kernels/gpt_step.py), which takes the
+blocks go further: all of them in one C call a step (kernels/blocks.py), which takes the
 1.6-2.4 ms those ~110 calls cost a CPM-Small token on a 2-core Zen 3 down to their arithmetic.
 
 It computes what the module forward does, with the same layers in the same dtypes; the
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpmctl.infer.cache import KVCache
-from cpmctl.kernels import attention, gpt_step
+from cpmctl.kernels import attention, blocks
 from cpmctl.models.layers import rms_norm
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -90,7 +90,7 @@ class PlannedGpt:
         self.ln_f = (model.ln_f.weight, model.ln_f.bias)
         self.layers, self.head = layers, head
         # every block in one C call where all its matmuls run on cpmctl's kernels
-        self.in_c = gpt_step.GptLayers.make(model, self.wte.dtype)
+        self.in_c = blocks.GptLayers.make(model, self.wte.dtype)
         self.shape, self.eps = (cfg.d_model,), cfg.eps
         self.max_positions = cfg.max_positions
 
@@ -177,6 +177,8 @@ class PlannedEncDec:
         self.relative_bias = model.decoder[0].self_attn.relative_bias
         self.cross_keys_values = [block.cross_attn.keys_values for block in model.decoder]
         self.layers, self.head = layers, head
+        # every decoder block in one C call where all its matmuls run on cpmctl's kernels
+        self.in_c = blocks.DecoderLayers.make(model, self.embed.dtype)
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -222,7 +224,17 @@ class PlannedEncDec:
         source = encoder_out.shape[1]
         # [heads, new, length + new], the same for every layer (layer 0 owns it, as in T5)
         bias = self.relative_bias(new, length + new, offset=length)[0].float().contiguous()
-        eps, x = self.eps, F.embedding(ids, self.embed)
+        x = F.embedding(ids, self.embed)  # this call's own tensor: the C step works in place
+        if self.in_c is not None:
+            self.in_c.run(x, cache, bias, encoder_mask)
+        else:
+            x = self._layers_one_by_one(x, cache, bias, encoder_mask, source)
+        cache.length = length + new
+        return self.head(rms_norm(x[:, -1].contiguous(), self.final, self.eps))
+
+    def _layers_one_by_one(self, x: torch.Tensor, cache: KVCache, bias: torch.Tensor,
+                           encoder_mask: torch.Tensor | None, source: int) -> torch.Tensor:
+        eps, length = self.eps, cache.length
         for layer, kv, (keys, values) in zip(self.layers, cache.layers, cache.cross,
                                              strict=True):
             h = rms_norm(x, layer.norms[0], eps)
@@ -234,5 +246,4 @@ class PlannedEncDec:
                                                          encoder_mask, scale=1.0))
             h = rms_norm(x, layer.norms[2], eps)
             x = x + layer.wo(F.gelu(layer.wi_0(h), approximate="tanh") * layer.wi_1(h))
-        cache.length = length + new
-        return self.head(rms_norm(x[:, -1].contiguous(), self.final, eps))
+        return x

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cpmctl.errors import CpmError
-from cpmctl.kernels import gpt_step, int8
+from cpmctl.kernels import blocks, int8
 
 _BLOCK = 16  # bf16 values per load
 _ALIGN = 32  # bytes
@@ -97,13 +97,13 @@ class Int8Linear(nn.Module):
                                          self.out_features)
         return lambda x: op(x, weight, scales, bias, out)
 
-    def c_linear(self) -> gpt_step.Linear | None:
-        """The layer for kernels/gpt_step.c to call from C, where it runs on cpmctl's kernel
+    def c_linear(self) -> blocks.Linear | None:
+        """The layer for kernels/blocks.c to call from C, where it runs on cpmctl's kernel
         (bf16 in, bf16 out)."""
         if self.kernel == int8.TORCH:
             return None
         padded_in = self.weight.shape[1] * self.weight.shape[3]
-        return gpt_step.Linear.of(gpt_step.INT8, self.out_features, self.in_features, padded_in,
+        return blocks.Linear.of(blocks.INT8, self.out_features, self.in_features, padded_in,
                                   self.weight, self.scales, self.bias, torch.bfloat16)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""cpmctl's C kernels (int8_matmul.c, attend.c, dense_matmul.c, gpt_step.c), compiled for this
+"""cpmctl's C kernels (int8_matmul.c, attend.c, dense_matmul.c, blocks.c), compiled for this
 CPU into one library on first use.
 
 The library is built with the C compiler ($CC, else cc) for `-march=native` (or
@@ -36,7 +36,7 @@ import torch
 from cpmctl.console import warn
 
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("int8_matmul.c", "attend.c", "dense_matmul.c", "gpt_step.c"))
+                for name in ("int8_matmul.c", "attend.c", "dense_matmul.c", "blocks.c"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16.h", "simd.h"))
 KERNEL_ENV, MARCH_ENV = "CPMCTL_INT8_KERNEL", "CPMCTL_INT8_MARCH"
 
@@ -89,6 +89,13 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
         ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.cpmctl_decoder_layers.restype = ctypes.c_int
+    lib.cpmctl_decoder_layers.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int]
     return lib
 
 

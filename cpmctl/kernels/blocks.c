@@ -1,17 +1,24 @@
-/* A GPT's blocks for the new tokens of a generation step in one call: for every layer
+/* A model's blocks for the new tokens of a generation step in one call, in place on x, with the
+ * matmuls on cpmctl's dense or int8 kernels (dense_matmul.c, int8_matmul.c) and the attention
+ * on attend.c. A GPT's block (cpmctl_gpt_layers):
  *
  *     h = layer_norm(x); x = x + proj(attend(qkv(h), cache)); h = layer_norm(x);
  *     x = x + down(gelu(up(h)))
  *
- * with the matmuls on cpmctl's dense or int8 kernels (dense_matmul.c, int8_matmul.c) and the
- * attention on attend.c, in place on x. Built into cpmctl's kernel library
- * (cpmctl/kernels/library.py); cpmctl/kernels/gpt_step.py explains why it exists and checks
- * every argument before calling it. This file is only the arithmetic.
+ * an encoder-decoder's decoder block (cpmctl_decoder_layers: T5's, as CPM-2's):
  *
- * Activations, norms' weights and the KV cache are fp32 (bf16 = 0) or bf16 (bf16 = 1); each
+ *     h = rms_norm(x); x = x + o(attend([q(h), k(h), v(h)], cache, scale 1, relative bias))
+ *     h = rms_norm(x); x = x + cross_o(attend_cross(cross_q(h), the encoder's keys and values))
+ *     h = rms_norm(x); x = x + wo(gelu(wi_0(h)) * wi_1(h))
+ *
+ * Built into cpmctl's kernel library (cpmctl/kernels/library.py); cpmctl/kernels/blocks.py
+ * explains why it exists and checks every argument before calling it. This file is only the
+ * arithmetic.
+ *
+ * Activations, norms' weights and the KV caches are fp32 (bf16 = 0) or bf16 (bf16 = 1); each
  * operation computes in fp32 and rounds its output to that dtype once, as PyTorch's CPU
- * operators do: a residual sum, the norm's output, GELU's output. Every operation computes each
- * row on its own, so a row's numbers do not depend on the batch.
+ * operators do: a residual sum, a norm's output, GELU's output, the gate's product. Every
+ * operation computes each row on its own, so a row's numbers do not depend on the batch.
  *
  * GELU is PyTorch's tanh form, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3),
  * computed as the equal x / (1 + exp(-2u)) with simd.h's exp.
@@ -19,6 +26,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bf16.h"
 #include "simd.h"
@@ -137,6 +145,48 @@ static int linear(const cpmctl_linear *layer, const void *x, int rows, void *y, 
                                bf16, threads) ? -2 : 0;
 }
 
+/* x[i] *= y[i] over `count` (the gated FFN's product). */
+static void multiply_into(void *x, const void *y, size_t count, const int bf16) {
+    const size_t whole = count / 8 * 8;
+    for (size_t i = 0; i < whole; i += 8)
+        store8(x, i, _mm256_mul_ps(load8(x, i, bf16), load8(y, i, bf16)), bf16);
+    for (size_t i = whole; i < count; i++)
+        store1(x, i, load1(x, i, bf16) * load1(y, i, bf16), bf16);
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * weight (T5's norm: no centring, no bias). */
+static void rms_norm_row(const void *x, void *out, const void *weight, int width, float eps,
+                         const int bf16) {
+    const int whole = width / 8 * 8;
+    __m256 squares = _mm256_setzero_ps();
+    float square = 0.0f;
+    for (int i = 0; i < whole; i += 8) {
+        const __m256 v = load8(x, i, bf16);
+        squares = _mm256_fmadd_ps(v, v, squares);
+    }
+    for (int i = whole; i < width; i++) square += load1(x, i, bf16) * load1(x, i, bf16);
+    const float rstd = 1.0f / sqrtf((sum8(squares) + square) / width + eps);
+    const __m256 rstds = _mm256_set1_ps(rstd);
+    for (int i = 0; i < whole; i += 8)
+        store8(out, i, _mm256_mul_ps(load8(weight, i, bf16),
+                                     _mm256_mul_ps(load8(x, i, bf16), rstds)), bf16);
+    for (int i = whole; i < width; i++)
+        store1(out, i, load1(weight, i, bf16) * (load1(x, i, bf16) * rstd), bf16);
+}
+
+/* Each of `rows` rows of x normalized into out: a layer norm (GPT's), or with bias NULL an RMS
+ * norm (T5's, which has no bias). */
+static void norm_rows(const void *x, void *out, const void *weight, const void *bias,
+                      size_t rows, int d, float eps, const int bf16) {
+    const size_t size = bf16 ? 2 : 4;
+    for (size_t r = 0; r < rows; r++) {
+        const char *row = (const char *)x + r * d * size;
+        char *into = (char *)out + r * d * size;
+        if (bias) layer_norm_row(row, into, weight, bias, d, eps, bf16);
+        else rms_norm_row(row, into, weight, d, eps, bf16);
+    }
+}
+
 /* x: [batch][n_new][d] (updated in place); keys, values: [n_layers][batch][heads][max_len]
  * [d_head], the new tokens written at positions length ..; mask (int64, row stride
  * mask_stride) or NULL as attend.c takes it; qkv: scratch [batch][n_new][3][heads][d_head].
@@ -152,9 +202,7 @@ int cpmctl_gpt_layers(void *x, int bf16, int batch, int n_new, int d, int heads,
     int status = h && attended && hidden && out ? 0 : -1;
     for (int l = 0; l < n_layers && status == 0; l++) {
         const cpmctl_gpt_layer *layer = layers + l;
-        for (size_t r = 0; r < rows; r++)
-            layer_norm_row((char *)x + r * d * size, h + r * d * size, layer->ln_1_weight,
-                           layer->ln_1_bias, d, eps, bf16);
+        norm_rows(x, h, layer->ln_1_weight, layer->ln_1_bias, rows, d, eps, bf16);
         status = linear(&layer->qkv, h, rows, qkv, bf16, threads);
         if (status == 0)
             status = cpmctl_attend(qkv, bf16, batch, n_new, heads, d_head,
@@ -164,9 +212,7 @@ int cpmctl_gpt_layers(void *x, int bf16, int batch, int n_new, int d, int heads,
         if (status == 0) status = linear(&layer->proj, attended, rows, out, bf16, threads);
         if (status != 0) break;
         add_into(x, out, rows * d, bf16);
-        for (size_t r = 0; r < rows; r++)
-            layer_norm_row((char *)x + r * d * size, h + r * d * size, layer->ln_2_weight,
-                           layer->ln_2_bias, d, eps, bf16);
+        norm_rows(x, h, layer->ln_2_weight, layer->ln_2_bias, rows, d, eps, bf16);
         status = linear(&layer->up, h, rows, hidden, bf16, threads);
         if (status != 0) break;
         gelu_in_place(hidden, rows * ffn, bf16);
@@ -175,6 +221,73 @@ int cpmctl_gpt_layers(void *x, int bf16, int batch, int n_new, int d, int heads,
     }
     free(h);
     free(attended);
+    free(hidden);
+    free(out);
+    return status;
+}
+
+typedef struct {
+    const void *norms[3];  /* ln_1, ln_2, ln_3: [d] each */
+    cpmctl_linear q, k, v, o, cross_q, cross_o, wi_0, wi_1, wo;
+} cpmctl_decoder_layer;
+
+/* x: [batch][n_new][d] (updated in place); keys, values: the self-attention cache as in
+ * cpmctl_gpt_layers; cross: 2 x n_layers pointers, each layer's encoder keys then values,
+ * [batch][heads][source][d_head] each; bias: fp32 [heads][n_new][bias_keys] (T5's relative position
+ * bias, the same for every layer); source_mask (int64, row stride source_stride) or NULL: the
+ * encoder positions to attend; qkv: scratch [batch][n_new][3][heads][d_head]. Returns as
+ * cpmctl_gpt_layers. */
+int cpmctl_decoder_layers(void *x, int bf16, int batch, int n_new, int d, int heads,
+                          int d_head, int ffn, const cpmctl_decoder_layer *layers,
+                          int n_layers, float eps, void *keys, void *values, int max_len,
+                          int length, const float *bias, int bias_keys, void *const *cross,
+                          int source, const int64_t *source_mask, int source_stride,
+                          void *qkv, int threads) {
+    const size_t rows = (size_t)batch * n_new, inner = (size_t)heads * d_head;
+    const size_t size = bf16 ? 2 : 4, per_layer = (size_t)batch * inner * max_len * size;
+    char *h = malloc(rows * d * size), *part = malloc(rows * inner * size);
+    char *gate = malloc(rows * ffn * size), *hidden = malloc(rows * ffn * size);
+    char *out = malloc(rows * d * size);
+    int status = h && part && gate && hidden && out ? 0 : -1;
+    for (int l = 0; l < n_layers && status == 0; l++) {
+        const cpmctl_decoder_layer *layer = layers + l;
+        const cpmctl_linear *projections[3] = {&layer->q, &layer->k, &layer->v};
+        norm_rows(x, h, layer->norms[0], NULL, rows, d, eps, bf16);
+        for (int p = 0; p < 3 && status == 0; p++) {  /* into qkv's row layout */
+            status = linear(projections[p], h, rows, part, bf16, threads);
+            for (size_t r = 0; status == 0 && r < rows; r++)
+                memcpy((char *)qkv + (r * 3 + p) * inner * size, part + r * inner * size,
+                       inner * size);
+        }
+        if (status == 0)
+            status = cpmctl_attend(qkv, bf16, batch, n_new, heads, d_head,
+                                   (char *)keys + l * per_layer, (char *)values + l * per_layer,
+                                   bf16, max_len, length, NULL, 0, part, 0, 1.0f, bias,
+                                   bias_keys, threads);
+        if (status == 0) status = linear(&layer->o, part, rows, out, bf16, threads);
+        if (status != 0) break;
+        add_into(x, out, rows * d, bf16);
+        norm_rows(x, h, layer->norms[1], NULL, rows, d, eps, bf16);
+        status = linear(&layer->cross_q, h, rows, qkv, bf16, threads);
+        if (status == 0)
+            status = cpmctl_attend(qkv, bf16, batch, n_new, heads, d_head, cross[2 * l],
+                                   cross[2 * l + 1], bf16, source, source, source_mask,
+                                   source_stride, part, 1, 1.0f, NULL, 0, threads);
+        if (status == 0) status = linear(&layer->cross_o, part, rows, out, bf16, threads);
+        if (status != 0) break;
+        add_into(x, out, rows * d, bf16);
+        norm_rows(x, h, layer->norms[2], NULL, rows, d, eps, bf16);
+        status = linear(&layer->wi_0, h, rows, gate, bf16, threads);
+        if (status == 0) status = linear(&layer->wi_1, h, rows, hidden, bf16, threads);
+        if (status != 0) break;
+        gelu_in_place(gate, rows * ffn, bf16);
+        multiply_into(gate, hidden, rows * ffn, bf16);
+        status = linear(&layer->wo, gate, rows, out, bf16, threads);
+        if (status == 0) add_into(x, out, rows * d, bf16);
+    }
+    free(h);
+    free(part);
+    free(gate);
     free(hidden);
     free(out);
     return status;
