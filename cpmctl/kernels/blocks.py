@@ -147,7 +147,7 @@ class GptLayers(_Blocks):
                 return None
             structs.append(_GptLayer(*(t.data_ptr() for t in norms), *linears))
             keep.append((norms, linears))
-        return cls(structs, keep, cfg, cfg.n_layers, dtype)
+        return cls(structs, keep, cfg, cfg.n_layers, dtype) if structs else None
 
     def run(self, x: torch.Tensor, cache, mask: torch.Tensor | None) -> None:
         qkv = self._scratch_qkv(x, cache, mask)
@@ -186,7 +186,7 @@ class DecoderLayers(_Blocks):
             structs.append(_DecoderLayer((ctypes.c_void_p * 3)(*(t.data_ptr() for t in norms)),
                                          *linears))
             keep.append((norms, linears))
-        return cls(structs, keep, cfg, cfg.decoder_layers, dtype)
+        return cls(structs, keep, cfg, cfg.decoder_layers, dtype) if structs else None
 
     def run(self, x: torch.Tensor, cache, bias: torch.Tensor,
             encoder_mask: torch.Tensor | None) -> None:
