@@ -23,7 +23,7 @@ def kernels(monkeypatch):
     monkeypatch.delenv(library.KERNEL_ENV, raising=False)
     library.load.cache_clear()
     if not attention.available():
-        pytest.skip("cpmctl's kernel library cannot be built here (no C compiler or AVX2)")
+        pytest.skip("cpmctl's kernel library cannot be built here (no C compiler or AVX2 + FMA)")
     yield
     library.load.cache_clear()
 

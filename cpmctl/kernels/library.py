@@ -6,9 +6,10 @@ $CPMCTL_INT8_MARCH, e.g. x86-64-v3 for a cluster's oldest CPUs) into
 $XDG_CACHE_HOME/cpmctl/kernels (~/.cache by default), named by a hash of the sources, the flags
 and the CPU, and loaded with ctypes; it runs its threads in the OpenMP runtime PyTorch has
 already loaded (the same libgomp), as many as `torch.get_num_threads()`. Where there is no
-compiler, no AVX2, or the build fails, `load()` is None and every caller uses PyTorch instead:
-int8 layers PyTorch's int8 kernel (int8.py), generation PyTorch's attention (attention.py),
-fp32/bf16 layers oneDNN or PyTorch's matmul (dense.py). `CPMCTL_INT8_KERNEL=torch` forces that
+compiler, no AVX2 + FMA, or the build fails, `load()` is None and every caller uses PyTorch
+instead: int8 layers PyTorch's int8 kernel (int8.py), generation PyTorch's attention
+(attention.py) through the module forward, fp32/bf16 layers oneDNN or PyTorch's matmul
+(dense.py). `CPMCTL_INT8_KERNEL=torch` forces that
 (the variable's name is older than the other kernels), to compare. A build that fails warns
 once, with the compiler's last lines.
 
@@ -125,7 +126,7 @@ def _build_key(compiler: str) -> str:
 
 def _build(compiler: str, path: Path) -> bool:
     """Compile into a temporary file beside `path`, then rename: a process that finds `path`
-    finds a whole library. False when the compiler refuses (no AVX2, no OpenMP)."""
+    finds a whole library. False when the compiler refuses (no AVX2 + FMA, no OpenMP)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=path.parent, suffix=".so.partial")
