@@ -332,6 +332,18 @@ def test_the_decoder_c_step_refuses_a_missing_bias_or_encoder_cache(kernels):
     step.run(x, cache, bias, torch.ones(1, 5, dtype=torch.long))  # what it accepts
 
 
+def test_the_profiler_names_the_c_blocks(kernels):
+    """A step whose blocks run in one C call shows as one named range in a profile."""
+    model = prepare_for_inference(varied_gpt(3))
+    plan = PlannedGpt.plan(model)
+    assert plan.in_c is not None
+    cache = KVCache.for_model(model.cfg, 1, 4)
+    with torch.inference_mode(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        plan.forward(torch.tensor([[1, 2, 3]]), cache)
+    assert "cpmctl::gpt_layers" in {event.name for event in profile.events()}
+
+
 def test_without_a_plan_generation_runs_the_module_forward(kernels, monkeypatch):
     moe = prepare_for_inference(varied_gpt(5, moe=MoeConfig(experts=4)))
     assert PlannedGpt.plan(moe) is None

@@ -151,12 +151,14 @@ class GptLayers(_Blocks):
 
     def run(self, x: torch.Tensor, cache, mask: torch.Tensor | None) -> None:
         qkv = self._scratch_qkv(x, cache, mask)
-        self._raise_for(library.load().cpmctl_gpt_layers(
-            x.data_ptr(), self.dtype == torch.bfloat16, x.shape[0], x.shape[1], self.d_model,
-            self.heads, self.d_head, self.ffn, self.address, self.n_layers, self.eps,
-            cache.keys.data_ptr(), cache.values.data_ptr(), cache.max_len, cache.length,
-            None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
-            qkv.data_ptr(), torch.get_num_threads()), x)
+        with library.profiled("cpmctl::gpt_layers"):
+            status = library.load().cpmctl_gpt_layers(
+                x.data_ptr(), self.dtype == torch.bfloat16, x.shape[0], x.shape[1],
+                self.d_model, self.heads, self.d_head, self.ffn, self.address, self.n_layers,
+                self.eps, cache.keys.data_ptr(), cache.values.data_ptr(), cache.max_len,
+                cache.length, None if mask is None else mask.data_ptr(),
+                0 if mask is None else mask.stride(0), qkv.data_ptr(), torch.get_num_threads())
+        self._raise_for(status, x)
 
 
 class DecoderLayers(_Blocks):
@@ -205,11 +207,13 @@ class DecoderLayers(_Blocks):
             raise ValueError("model step: the encoder's keys and values must be contiguous "
                              f"{self.dtype} tensors of one shape")
         pointers = (ctypes.c_void_p * len(cross))(*(t.data_ptr() for t in cross))
-        self._raise_for(library.load().cpmctl_decoder_layers(
-            x.data_ptr(), self.dtype == torch.bfloat16, x.shape[0], x.shape[1], self.d_model,
-            self.heads, self.d_head, self.ffn, self.address, self.n_layers, self.eps,
-            cache.keys.data_ptr(), cache.values.data_ptr(), cache.max_len, cache.length,
-            bias.data_ptr(), bias.shape[2], pointers, source,
-            None if encoder_mask is None else encoder_mask.data_ptr(),
-            0 if encoder_mask is None else encoder_mask.stride(0), qkv.data_ptr(),
-            torch.get_num_threads()), x)
+        with library.profiled("cpmctl::decoder_layers"):
+            status = library.load().cpmctl_decoder_layers(
+                x.data_ptr(), self.dtype == torch.bfloat16, x.shape[0], x.shape[1],
+                self.d_model, self.heads, self.d_head, self.ffn, self.address, self.n_layers,
+                self.eps, cache.keys.data_ptr(), cache.values.data_ptr(), cache.max_len,
+                cache.length, bias.data_ptr(), bias.shape[2], pointers, source,
+                None if encoder_mask is None else encoder_mask.data_ptr(),
+                0 if encoder_mask is None else encoder_mask.stride(0), qkv.data_ptr(),
+                torch.get_num_threads())
+        self._raise_for(status, x)

@@ -21,6 +21,7 @@ fake implementation and the profiler names; outside those, calls skip the dispat
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -174,12 +175,20 @@ def define_op(schema: str, compute: Callable, fake: Callable) -> Callable[..., t
     _OPS.impl(name, compute, "CPU")
     torch.library.register_fake(f"cpmctl::{name}")(fake)
     op = getattr(torch.ops.cpmctl, name).default
-    # NOTE: a private PyTorch function (what record_function asks); without it, always the op
-    profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
 
     def call(*args) -> torch.Tensor:
-        if torch.compiler.is_compiling() or profiling():
+        if torch.compiler.is_compiling() or _profiling():
             return op(*args)
         return compute(*args)
 
     return call
+
+
+# NOTE: a private PyTorch function (what record_function asks); without it, always profiling
+_profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
+
+
+def profiled(name: str) -> contextlib.AbstractContextManager:
+    """A range named `name` in the profiler's trace while it records (a C call that is not an
+    op, such as blocks.py's, is otherwise invisible to it); else nothing, at no cost."""
+    return torch.profiler.record_function(name) if _profiling() else contextlib.nullcontext()
