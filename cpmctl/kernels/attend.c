@@ -28,16 +28,6 @@
 #include "bf16.h"
 #include "simd.h"
 
-/* element i of a vector stored in fp32 (bf16 = 0) or bf16 (bf16 = 1) */
-static inline float load(const void *p, size_t i, const int bf16) {
-    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store(void *p, size_t i, float value, const int bf16) {
-    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(value);
-    else ((float *)p)[i] = value;
-}
-
 /* Copy token s of row b, head h from qkv into the cache (in the cache's dtype). Inlined with
  * constant dtype flags, like attend_query, so that each combination is a branch-free loop. */
 static inline __attribute__((always_inline)) void append_token(
@@ -47,8 +37,8 @@ static inline __attribute__((always_inline)) void append_token(
     const size_t k_at = ((size_t)b * n_new + s) * 3 * width + width + (size_t)h * d_head;
     const size_t new_at = (((size_t)b * heads + h) * max_len + length + s) * d_head;
     for (int d = 0; d < d_head; d++) {
-        store(keys, new_at + d, load(qkv, k_at + d, act_bf16), cache_bf16);
-        store(values, new_at + d, load(qkv, k_at + width + d, act_bf16), cache_bf16);
+        store1(keys, new_at + d, load1(qkv, k_at + d, act_bf16), cache_bf16);
+        store1(values, new_at + d, load1(qkv, k_at + width + d, act_bf16), cache_bf16);
     }
 }
 
@@ -75,7 +65,7 @@ static inline __attribute__((always_inline)) void attend_query(
     const size_t cache_at = ((size_t)b * heads + h) * max_len * d_head;
     const int last = how->cross ? length - 1 : length + s;
     const int whole = d_head / 16 * 16, eights = d_head / 8 * 8;
-    for (int d = 0; d < d_head; d++) q[d] = load(qkv, q_at + d, act_bf16);
+    for (int d = 0; d < d_head; d++) q[d] = load1(qkv, q_at + d, act_bf16);
     const float scale = how->scale;
     const float *bias = how->bias ? how->bias + ((size_t)h * n_new + s) * how->bias_keys : NULL;
     const int64_t *visible = mask ? mask + (size_t)b * mask_stride : NULL;
@@ -101,14 +91,14 @@ static inline __attribute__((always_inline)) void attend_query(
             d += 8;
         }
         float dot = sum8(_mm256_add_ps(even, odd));
-        for (; d < d_head; d++) dot += q[d] * load(keys, k_at + d, cache_bf16);
+        for (; d < d_head; d++) dot += q[d] * load1(keys, k_at + d, cache_bf16);
         scores[j] = dot * scale + (bias ? bias[j] : 0.0f);
         largest = fmaxf(largest, scores[j]);  /* (fmaxf passes over a NaN: caught below) */
         unordered |= isnan(scores[j]);
     }
     const size_t out_at = token * width + (size_t)h * d_head;
     if (unordered) {  /* a NaN score makes every weight NaN, as in PyTorch's softmax */
-        for (int d = 0; d < d_head; d++) store(out, out_at + d, NAN, act_bf16);
+        for (int d = 0; d < d_head; d++) store1(out, out_at + d, NAN, act_bf16);
         return;
     }
     float *acc = q;  /* the query is no longer needed: accumulate the output in its place */
@@ -136,11 +126,11 @@ static inline __attribute__((always_inline)) void attend_query(
             for (; d < eights; d += 8)
                 _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(
                     weight, load8(values, v_at + d, cache_bf16), _mm256_loadu_ps(acc + d)));
-            for (; d < d_head; d++) acc[d] += p * load(values, v_at + d, cache_bf16);
+            for (; d < d_head; d++) acc[d] += p * load1(values, v_at + d, cache_bf16);
         }
     }
     const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-    for (int d = 0; d < d_head; d++) store(out, out_at + d, acc[d] * inverse, act_bf16);
+    for (int d = 0; d < d_head; d++) store1(out, out_at + d, acc[d] * inverse, act_bf16);
 }
 
 /* The four (activation, cache) dtype combinations, each its own specialised loop. */

@@ -58,17 +58,6 @@ typedef struct {
     cpmctl_linear qkv, proj, up, down;
 } cpmctl_gpt_layer;
 
-/* ---- one element of fp32 or bf16 memory (the vector forms are simd.h's) */
-
-static inline float load1(const void *p, size_t i, const int bf16) {
-    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store1(void *p, size_t i, float value, const int bf16) {
-    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(value);
-    else ((float *)p)[i] = value;
-}
-
 /* ---- the elementwise operations, each over one row of `width` */
 
 /* out = (x - mean) / sqrt(var + eps) * weight + bias, the population variance of the row. */
