@@ -138,41 +138,53 @@ static void quantize_rows(const uint16_t *x, int m_rows, int k, int kp, int16_t 
     }
 }
 
-/* Rows m .. m+MT-1 of y for the ROWS channels of one packed block. MT is 1 or 2: two rows share
- * each widened weight, and 2 x ROWS accumulators plus the weights fit the registers. */
+/* Keeps v in a register at this point: GCC otherwise folds each load of x into every multiply
+ * that uses it and reassociates the sums, which spills accumulators to the stack; with it the
+ * loop holds every accumulator in a register (1.3-1.4x at 8 rows on Zen 3's AVX2). */
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+
+/* Rows m .. m+mt-1 of y for channels r0 .. r0+rc-1 of one packed block, mt x rc <= 8: mt rows
+ * share each widened weight, rc channels each loaded row of x, and the mt x rc accumulators
+ * plus the weights fit the registers. */
 static inline __attribute__((always_inline)) void block_rows(
         const int8_t *block, const int16_t *xq, const float *xscale, int m, const int mt,
-        int kp, int n0, int n, const float *scale, const float *bias, uint16_t *y) {
+        const int r0, const int rc, int kp, int n0, int n, const float *scale,
+        const float *bias, uint16_t *y) {
     const int slices = kp / COLS;
-    fvec sums[2][ROWS];
+    fvec sums[4][ROWS];
     for (int i = 0; i < mt; i++)
-        for (int r = 0; r < ROWS; r++) sums[i][r] = fzero();
+        for (int r = 0; r < rc; r++) sums[i][r] = fzero();
     for (int first = 0; first < slices; first += FLUSH) {
         const int last = first + FLUSH < slices ? first + FLUSH : slices;
-        ivec dots[2][ROWS];
+        ivec dots[4][ROWS];
         for (int i = 0; i < mt; i++)
-            for (int r = 0; r < ROWS; r++) dots[i][r] = izero();
+            for (int r = 0; r < rc; r++) dots[i][r] = izero();
         for (int s = first; s < last; s++) {
             const int8_t *slice = block + (size_t)s * ROWS * COLS;
             _mm_prefetch((const char *)slice + PREFETCH, _MM_HINT_T0);
             _mm_prefetch((const char *)slice + PREFETCH + 64, _MM_HINT_T0);
             for (int c = 0; c < COLS; c += STEP) {
                 ivec w[ROWS];
-                for (int r = 0; r < ROWS; r++) w[r] = widen(slice + r * COLS + c);
+                for (int r = 0; r < rc; r++) w[r] = widen(slice + (r0 + r) * COLS + c);
                 for (int i = 0; i < mt; i++) {
                     ivec xs = load16(xq + (size_t)(m + i) * kp + (size_t)s * COLS + c);
-                    for (int r = 0; r < ROWS; r++) dots[i][r] = dot(dots[i][r], xs, w[r]);
+                    IN_REGISTER(xs);
+                    for (int r = 0; r < rc; r++) {
+                        dots[i][r] = dot(dots[i][r], xs, w[r]);
+                        IN_REGISTER(dots[i][r]);
+                    }
                 }
             }
         }
         for (int i = 0; i < mt; i++)
-            for (int r = 0; r < ROWS; r++) sums[i][r] = add_lanes(sums[i][r], dots[i][r]);
+            for (int r = 0; r < rc; r++) sums[i][r] = add_lanes(sums[i][r], dots[i][r]);
     }
     for (int i = 0; i < mt; i++)
-        for (int r = 0; r < ROWS && n0 + r < n; r++) {
-            float value = total(sums[i][r]) * xscale[m + i] * scale[n0 + r];
-            if (bias) value += bias[n0 + r];
-            y[(size_t)(m + i) * n + n0 + r] = float_to_bf16(value);
+        for (int r = 0; r < rc && n0 + r0 + r < n; r++) {
+            const int channel = n0 + r0 + r;
+            float value = total(sums[i][r]) * xscale[m + i] * scale[channel];
+            if (bias) value += bias[channel];
+            y[(size_t)(m + i) * n + channel] = float_to_bf16(value);
         }
 }
 
@@ -194,10 +206,15 @@ int cpmctl_int8_matmul(const uint16_t *x, int m_rows, int k, const int8_t *packe
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int b = 0; b < blocks; b++) {
         const int8_t *block = packed + (size_t)b * ROWS * kp;
-        int m = 0;
+        const int n0 = b * ROWS;
+        int m = 0;  /* fours, then a pair, against two channels at a time (four spill) */
+        for (; m + 4 <= m_rows; m += 4)
+            for (int r0 = 0; r0 < ROWS; r0 += 2)
+                block_rows(block, xq, xscale, m, 4, r0, 2, kp, n0, n, scale, bias, y);
         for (; m + 2 <= m_rows; m += 2)
-            block_rows(block, xq, xscale, m, 2, kp, b * ROWS, n, scale, bias, y);
-        if (m < m_rows) block_rows(block, xq, xscale, m, 1, kp, b * ROWS, n, scale, bias, y);
+            for (int r0 = 0; r0 < ROWS; r0 += 2)
+                block_rows(block, xq, xscale, m, 2, r0, 2, kp, n0, n, scale, bias, y);
+        if (m < m_rows) block_rows(block, xq, xscale, m, 1, 0, ROWS, kp, n0, n, scale, bias, y);
     }
     free(xq);
     free(xscale);
