@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "simd.h"
 
 #define ROWS 4        /* output channels per packed block */
 #define COLS 32       /* inputs per slice */
@@ -87,11 +88,6 @@ static inline float total(fvec sum) {
 int cpmctl_int8_layout(int which) { return which == 0 ? ROWS : COLS; }
 const char *cpmctl_int8_variant(void) { return VARIANT; }
 
-static inline __m256 bf16x8(const uint16_t *p) {  /* 8 bf16 as fp32 */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 /* xq[m] = round(x[m] / xscale[m]) with xscale[m] = max|x[m]| / 32767; padded with zeros to kp.
  * A row holding inf or NaN gets a NaN scale, which makes its outputs NaN; a row below TINY
  * (where 32767 / max|x| would overflow) counts as zeros. */
@@ -103,7 +99,7 @@ static void quantize_rows(const uint16_t *x, int m_rows, int k, int kp, int16_t 
         const int whole = k / 8 * 8;  /* inputs taken 8 at a time (AVX2), the rest one by one */
         __m256 sizes = _mm256_setzero_ps(), worst = _mm256_setzero_ps();
         for (int i = 0; i < whole; i += 8) {
-            const __m256 size = _mm256_and_ps(bf16x8(row + i), _mm256_castsi256_ps(
+            const __m256 size = _mm256_and_ps(load8(row, i, 1), _mm256_castsi256_ps(
                 _mm256_set1_epi32(0x7fffffff)));
             sizes = _mm256_max_ps(sizes, size);
             worst = _mm256_or_ps(worst, _mm256_cmp_ps(size, _mm256_set1_ps(FLT_MAX),
@@ -129,7 +125,7 @@ static void quantize_rows(const uint16_t *x, int m_rows, int k, int kp, int16_t 
         xscale[m] = scale;
         const __m256 times = _mm256_set1_ps(inverse);
         for (int i = 0; i < whole; i += 8) {  /* rounded to nearest even, as lrintf */
-            const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(bf16x8(row + i), times));
+            const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8(row, i, 1), times));
             _mm_storeu_si128((__m128i *)(out + i), _mm_packs_epi32(
                 _mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
         }

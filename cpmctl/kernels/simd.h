@@ -1,6 +1,6 @@
-/* 8 fp32 lanes (AVX2 + FMA) for cpmctl's C kernels (blocks.c, attend.c): loads from and
- * stores to fp32 or bf16 memory (rounding as bf16.h's float_to_bf16), a horizontal sum, and
- * exp. */
+/* 8 fp32 lanes (AVX2 + FMA) for cpmctl's C kernels (blocks.c, attend.c, int8_matmul.c): loads
+ * from and stores to fp32 or bf16 memory (rounding as bf16.h's float_to_bf16), a horizontal
+ * sum, and exp. */
 #ifndef CPMCTL_SIMD_H
 #define CPMCTL_SIMD_H
 
