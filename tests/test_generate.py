@@ -180,7 +180,7 @@ def test_a_closed_pipe_ends_quietly(models):
 def test_bench_speed_times_every_precision_against_transformers(models, cli):
     """`bench speed --model`: every (impl, precision, batch) in its own process; greedy tokens
     of ours and of transformers' generate agree (the same weights); our ratios to them and to
-    the bandwidth."""
+    the bandwidth; each batch-2 run's to batch 1."""
     result = cli("bench", "speed", "--model", str(models["gpt"]), "--batches", "1,2",
                  "--prompt-tokens", "8", "--new-tokens", "6", "--json")
     assert result.code == 0, result.err
@@ -208,6 +208,13 @@ def test_bench_speed_times_every_precision_against_transformers(models, cli):
                                                        / baseline["decode_tok_s"])
         assert run["of_bandwidth"] == pytest.approx(run["effective_gb_s"]
                                                     / report["memory_bandwidth_gb_s"])
+    for run in report["runs"]:  # batch 2 against batch 1, each implementation and precision
+        one = next(r for r in report["runs"] if r["batch"] == 1 and r["impl"] == run["impl"]
+                   and r["precision"] == run["precision"])
+        if run["batch"] == 1:
+            assert "vs_batch_1" not in run
+        else:
+            assert run["vs_batch_1"] == pytest.approx(run["decode_tok_s"] / one["decode_tok_s"])
     for args, message in ((("--precisions", "fp16"), "--precisions: expected some of"),
                           (("--tokenizer", str(models["gpt"])), "are two benchmarks"),
                           (("--recipe", "tiny-gpt"), "--model and --recipe: give one")):

@@ -258,11 +258,17 @@ def _compare(runs: list[dict], bandwidth_gb_s: float) -> None:
     """Adds to each of our runs `of_bandwidth` (effective GB/s over the measured), and to the
     planned ones `vs_transformers` (decode tokens/s over transformers' at the same batch, in
     BASELINE_PRECISION) and, where measured, `vs_module_step` / `prefill_vs_module_step`
-    (decode / prefill tokens/s over the module forward's, same precision and batch)."""
+    (decode / prefill tokens/s over the module forward's, same precision and batch). Every run
+    at a batch above 1 gets `vs_batch_1` (its decode tokens/s over batch 1's, same
+    implementation and precision) where batch 1 was measured."""
     theirs = {(r["precision"], r["batch"]): r["decode_tok_s"] for r in runs
               if r["impl"] == "transformers"}
     modules = {(r["precision"], r["batch"]): r for r in runs if r["impl"] == "cpmctl-modules"}
+    single = {(r["impl"], r["precision"]): r["decode_tok_s"] for r in runs if r["batch"] == 1}
     for run in runs:
+        one = single.get((run["impl"], run["precision"]))
+        if run["batch"] > 1 and one:
+            run["vs_batch_1"] = run["decode_tok_s"] / one
         if run["impl"] == "transformers":
             continue
         run["of_bandwidth"] = run["effective_gb_s"] / bandwidth_gb_s if bandwidth_gb_s else None

@@ -199,6 +199,8 @@ def _speed_generation(model, recipe, precisions, batches, prompt_tokens, new_tok
             parts.append(f"{run['vs_transformers']:.2f}x transformers' {theirs}")
         if run.get("of_bandwidth") is not None:
             parts.append(f"{run['of_bandwidth']:.0%} of the measured bandwidth limit")
+        if "vs_batch_1" in run:
+            parts.append(f"{run['vs_batch_1']:.2f}x batch 1's tokens/s")
         if "vs_module_step" in run:
             parts.append(f"{run['vs_module_step']:.2f}x the module forward's steps (prefill "
                          f"{run['prefill_vs_module_step']:.2f}x)")
