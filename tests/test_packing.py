@@ -3,9 +3,12 @@ scores and a soft prompt's gradient equal to one row per candidate."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
+from cpmctl.bench import scoring
 from cpmctl.bench.packing import (
     ATTENTION_KEY_COST,
     pack_rows,
@@ -13,6 +16,7 @@ from cpmctl.bench.packing import (
     packed_attention_mask,
     packed_batch,
     packed_length,
+    packed_states,
 )
 from cpmctl.bench.scoring import Row, candidate_losses, flat_batch
 from cpmctl.errors import CpmError
@@ -114,6 +118,53 @@ def test_packed_scores_equal_one_row_per_candidate():
     assert packed[1].tolist() == [2, 3, 1, 1, 2, 4, 1, 1, 1]
     assert packed[0].tolist() == pytest.approx(alone, abs=1e-5)
     assert torch.allclose(packed[0], flat[0], atol=1e-5)
+
+
+def test_the_head_scores_a_few_positions_at_a_time(monkeypatch):
+    """candidate_losses makes the scored positions' logits LOGIT_CHUNK_ELEMENTS at a time:
+    sums, counts and greedy flags as from all the logits at once, written out here."""
+    model = tiny_gpt()
+    with torch.no_grad():
+        greedy_next = model(torch.tensor([[19]]), return_hidden=False)[0, -1].argmax().item()
+        groups = GROUPS + [[Row([19], [greedy_next]), Row([19], [(greedy_next + 1) % 60])]]
+        batch = packed_batch(groups, PAD)
+        hidden, targets, mask = packed_states(model, batch)
+        logprobs = torch.log_softmax(model.lm_head(hidden).float(), -1)
+        token = logprobs.gather(-1, targets[:, None])[:, 0]
+        hit = logprobs.argmax(-1) == targets
+        rows = torch.nonzero(mask)[:, 0]
+        expected = [token[rows == r].sum().item() for r in range(len(mask))]
+        expected_greedy = [bool(hit[rows == r].all()) for r in range(len(mask))]
+        monkeypatch.setattr(scoring, "LOGIT_CHUNK_ELEMENTS", 3 * 60)  # 3 positions a chunk
+        logprob, count, greedy = candidate_losses(model, batch, greedy=True)
+    assert len(hidden) == 16  # six chunks, the last of one position
+    assert logprob.tolist() == pytest.approx(expected, abs=1e-5)
+    assert count.tolist() == mask.sum(-1).tolist()
+    assert greedy.tolist() == expected_greedy
+    assert greedy.tolist()[-2:] == [True, False]
+
+
+def test_rows_are_first_fit_longest_first():
+    """pack_rows' tree gives the rows that scanning every row for the first with room gives."""
+
+    def scan(lengths, width):
+        rows, room = [], []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            at = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+            if at is None:
+                rows.append([])
+                room.append(width)
+                at = len(rows) - 1
+            rows[at].append(i)
+            room[at] -= lengths[i]
+        return rows
+
+    generator = random.Random(0)
+    for n in (1, 2, 3, 7, 64, 500):
+        lengths = [generator.randint(1, 100) for _ in range(n)]
+        for width in (max(lengths), int(max(lengths) * 1.5), 3 * max(lengths)):
+            assert pack_rows(lengths, width) == scan(lengths, width)
+    assert pack_rows([5, 3, 2, 4, 1], 5) == [[0], [3, 4], [1, 2]]
 
 
 def test_rows_widen_where_the_examples_do_not_pair_at_the_longest_width():

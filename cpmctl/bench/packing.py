@@ -90,19 +90,50 @@ def packed_length(rows) -> int:
 
 def pack_rows(lengths: list[int], width: int | None = None) -> list[list[int]]:
     """Which examples share a row: first fit, longest first, into rows `width` wide (default:
-    the longest example's). Indices into `lengths`, each row longest first."""
+    the longest example's). Indices into `lengths`, each row longest first. The first row
+    with room is found in a max tree over the rows' free room (`_Rooms`), so a task of n
+    examples packs in O(n log n) (a scan of the rows was O(n^2): 67 s for 40,000)."""
     width = max(lengths) if width is None else width
     rows: list[list[int]] = []
-    room: list[int] = []
+    rooms = _Rooms(len(lengths))
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        at = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        at = rooms.first_with(lengths[i])
         if at is None:
+            at = len(rows)
             rows.append([])
-            room.append(width)
-            at = len(rows) - 1
+            rooms.set(at, width)
         rows[at].append(i)
-        room[at] -= lengths[i]
+        rooms.set(at, rooms.room(at) - lengths[i])
     return rows
+
+
+class _Rooms:
+    """The free room of up to `capacity` rows (-1: a row not opened yet) in a max tree:
+    the leftmost row with room for a length in O(log capacity)."""
+
+    def __init__(self, capacity: int):
+        self.leaves = 1
+        while self.leaves < capacity:
+            self.leaves *= 2
+        self.tree = [-1] * (2 * self.leaves)  # node n's children: 2n, 2n + 1; root 1
+
+    def room(self, row: int) -> int:
+        return self.tree[self.leaves + row]
+
+    def set(self, row: int, room: int) -> None:
+        node = self.leaves + row
+        self.tree[node] = room
+        while node > 1:
+            node //= 2
+            self.tree[node] = max(self.tree[2 * node], self.tree[2 * node + 1])
+
+    def first_with(self, length: int) -> int | None:
+        if self.tree[1] < length:
+            return None
+        node = 1
+        while node < self.leaves:
+            node = 2 * node if self.tree[2 * node] >= length else 2 * node + 1
+        return node - self.leaves
 
 
 #: What a masked attention key costs a query, against a position's projections, per key and
