@@ -5,6 +5,7 @@ weights and perplexity."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -480,7 +481,8 @@ def test_int8_model_is_close_to_bf16(arch, int8_kernel_choice):
     assert tokens_of(model, [ids[0].tolist()], settings(8))  # and it generates
 
 
-def test_perplexity_is_exp_of_the_mean_loss_and_int8_stays_close(int8_kernel_choice):
+def test_perplexity_is_exp_of_the_mean_loss_and_int8_stays_close(int8_kernel_choice,
+                                                                 monkeypatch):
     model = varied_gpt(14)
     ids = torch.randint(1, VOCAB, (300,))
     with torch.no_grad():
@@ -489,6 +491,10 @@ def test_perplexity_is_exp_of_the_mean_loss_and_int8_stays_close(int8_kernel_cho
                                   windows[i * 64 + 1:(i + 1) * 64 + 1], reduction="sum")
                   for i in range(4)]
     expected = math.exp(sum(loss.item() for loss in losses) / 256)
+    assert perplexity(model, ids, batch_size=3) == pytest.approx(expected, rel=1e-5)
+    # the head's logits 5 positions at a time (a batch of 3 windows: 38 chunks of 5, one of 2)
+    monkeypatch.setattr(importlib.import_module("cpmctl.infer.perplexity"),
+                        "LOGIT_CHUNK_ELEMENTS", 5 * VOCAB)
     assert perplexity(model, ids, batch_size=3) == pytest.approx(expected, rel=1e-5)
     bf16 = perplexity(model.to(torch.bfloat16), ids)
     quantized = perplexity(quantize_int8(varied_gpt(14)), ids)

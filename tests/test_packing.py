@@ -3,12 +3,12 @@ scores and a soft prompt's gradient equal to one row per candidate."""
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
 import torch
 
-from cpmctl.bench import scoring
 from cpmctl.bench.packing import (
     ATTENTION_KEY_COST,
     pack_rows,
@@ -23,6 +23,8 @@ from cpmctl.errors import CpmError
 from cpmctl.models import ModelConfig, build_model
 
 PAD = 0
+#: the module (cpmctl.infer's `perplexity` is its function)
+HEAD = importlib.import_module("cpmctl.infer.perplexity")
 
 
 def tiny_gpt() -> torch.nn.Module:
@@ -121,7 +123,8 @@ def test_packed_scores_equal_one_row_per_candidate():
 
 
 def test_the_head_scores_a_few_positions_at_a_time(monkeypatch):
-    """candidate_losses makes the scored positions' logits LOGIT_CHUNK_ELEMENTS at a time:
+    """candidate_losses makes the scored positions' logits LOGIT_CHUNK_ELEMENTS at a time
+    (perplexity.token_logprobs):
     sums, counts and greedy flags as from all the logits at once, written out here."""
     model = tiny_gpt()
     with torch.no_grad():
@@ -135,7 +138,7 @@ def test_the_head_scores_a_few_positions_at_a_time(monkeypatch):
         rows = torch.nonzero(mask)[:, 0]
         expected = [token[rows == r].sum().item() for r in range(len(mask))]
         expected_greedy = [bool(hit[rows == r].all()) for r in range(len(mask))]
-        monkeypatch.setattr(scoring, "LOGIT_CHUNK_ELEMENTS", 3 * 60)  # 3 positions a chunk
+        monkeypatch.setattr(HEAD, "LOGIT_CHUNK_ELEMENTS", 3 * 60)  # 3 positions a chunk
         logprob, count, greedy = candidate_losses(model, batch, greedy=True)
     assert len(hidden) == 16  # six chunks, the last of one position
     assert logprob.tolist() == pytest.approx(expected, abs=1e-5)

@@ -23,7 +23,8 @@ Forward passes (`candidate_losses`, differentiable: prompt tuning calls it with 
   row; one forward, no cache, so prompt tuning trains through it as it is.
 - `SharedBatch` (`choice`/`span` on encdec): each example's encoder input once, its output
   repeated for the K decoder rows.
-Only the scored positions go through the LM head, in fp32 (log_softmax).
+Only the scored positions go through the LM head, in fp32 (cpmctl.infer.perplexity's
+`token_logprobs`: a few positions' logits at a time).
 
 A soft prompt (`prompt`, prompt tuning's object): `prompt.place(parts_ids) -> (ids,
 slot_positions)` puts its slots into one candidate's context, and `prompt.embed(model,
@@ -51,6 +52,7 @@ from cpmctl.bench.packing import (
 )
 from cpmctl.bench.tasks.format import SPAN_MARKER, Candidate, Example, ScoringRequests, Task
 from cpmctl.errors import CpmError
+from cpmctl.infer.perplexity import token_logprobs
 
 # ---------------------------------------------------------------- tokenisation
 
@@ -318,13 +320,6 @@ def _sum_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total.index_add(0, rows, values)
 
 
-#: The scored positions' fp32 logits are made this many at a time (16 MB): a batch's
-#: [positions, vocab] at once (320 MB for 256 reviews of sentiment at an 8,000-piece
-#: vocabulary) was written, log-softmaxed and read back through freshly faulted pages, half
-#: the time of scoring a small model; chunks this size stay in the allocator's heap.
-LOGIT_CHUNK_ELEMENTS = 1 << 22
-
-
 def candidate_losses(model, batch: FlatBatch | SharedBatch | PackedBatch, prompt=None, *,
                      greedy: bool = False):
     """(summed log-likelihood [R] (fp32), scored token count [R]) of every row's
@@ -332,18 +327,11 @@ def candidate_losses(model, batch: FlatBatch | SharedBatch | PackedBatch, prompt
     would write (lm-eval's is_greedy). Runs under whatever grad mode the caller set: prompt
     tuning calls it with gradients on and takes -sum / count as the loss."""
     hidden, targets, mask = _scored_states(model, batch, prompt)
-    logprobs, misses = [], []
-    rows = max(1, LOGIT_CHUNK_ELEMENTS // model.cfg.vocab_size)
-    for start in range(0, len(hidden), rows):  # the scored positions only, in fp32
-        logits = model.lm_head(hidden[start:start + rows]).float()
-        wanted = targets[start:start + rows]
-        logprobs.append(torch.log_softmax(logits, dim=-1).gather(-1, wanted[:, None])[:, 0])
-        if greedy:
-            misses.append(logits.argmax(-1) != wanted)
-    result = (_sum_rows(torch.cat(logprobs), mask), mask.sum(-1))
+    logprobs, hits = token_logprobs(model, hidden, targets, greedy=greedy)
+    result = (_sum_rows(logprobs, mask), mask.sum(-1))
     if not greedy:
         return result
-    return (*result, _sum_rows(torch.cat(misses).float(), mask) == 0)
+    return (*result, _sum_rows((~hits).float(), mask) == 0)
 
 
 def _scored_states(model, batch: FlatBatch | SharedBatch | PackedBatch, prompt):
